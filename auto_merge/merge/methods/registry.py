@@ -1,0 +1,413 @@
+"""Merge-method registry: parameter specs, validation, and the uniform per-tensor entry point ``merge_tensor``.
+
+A method is a pure function over tensors. It is registered under its name together with a :class:`MethodSpec`.
+The spec lists the method's parameters (:class:`ParamSpec`: scope, type, default, range, whether required),
+whether a base model is required, optional or not accepted, how many non-base inputs it takes, and whether it is
+random. Method functions receive a :class:`MergeInputs` and return an fp32 tensor.
+
+Parameter rules (see :func:`validate_params`):
+
+- Unknown parameter names are rejected, so that typos do not silently fall back to defaults.
+- A per-model parameter given in ``global_params`` is the default for every model, like mergekit's top-level
+  ``parameters:``. A value in a model's own dict overrides it.
+- A global parameter inside a per-model dict is an error.
+- ``rescale: bool`` (mergekit spelling) is accepted as an alias for ``rescale_mode``: true means ``"l1"`` and
+  false means ``"none"``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from auto_merge.merge.sparsify import derive_generator
+
+Scope = Literal["global", "per_model"]
+BaseUsage = Literal["required", "optional", "none"]
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One method parameter.
+
+    ``value_type`` is bool, int, float or str. For numbers, ``low``/``high`` bound the value and the
+    ``*_inclusive`` flags say whether the bound itself is allowed. For str, ``choices`` lists the allowed values.
+    ``allow_none`` lets None mean "not set" (passthrough's ``scale``).
+    """
+
+    name: str
+    scope: Scope
+    value_type: type
+    default: Any = None
+    required: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_inclusive: bool = True
+    high_inclusive: bool = True
+    choices: tuple[str, ...] | None = None
+    allow_none: bool = False
+    doc: str = ""
+
+    def allowed(self) -> str:
+        """Human-readable description of the allowed values, used in error messages."""
+        if self.value_type is bool:
+            text = "true or false"
+        elif self.value_type is str:
+            text = "one of " + ", ".join(repr(choice) for choice in self.choices or ())
+        else:
+            kind = "an integer" if self.value_type is int else "a finite real number"
+            if self.low is None and self.high is None:
+                text = kind
+            elif self.high is None:
+                text = f"{kind} {'>=' if self.low_inclusive else '>'} {self.low}"
+            elif self.low is None:
+                text = f"{kind} {'<=' if self.high_inclusive else '<'} {self.high}"
+            else:
+                left = "[" if self.low_inclusive else "("
+                right = "]" if self.high_inclusive else ")"
+                text = f"{kind} in {left}{self.low}, {self.high}{right}"
+        return text + (" (or None)" if self.allow_none else "")
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Return ``value`` converted to the parameter's type; raise ValueError naming the parameter and its range."""
+
+        def reject(reason: str) -> ValueError:
+            return ValueError(f"{where}: parameter '{self.name}' {reason}; allowed: {self.allowed()}")
+
+        if value is None:
+            if self.allow_none:
+                return None
+            raise reject("must not be None")
+        if self.value_type is bool:
+            if not isinstance(value, bool):
+                raise reject(f"must be a bool, got {value!r}")
+            return value
+        if self.value_type is str:
+            if not isinstance(value, str) or value not in (self.choices or ()):
+                raise reject(f"got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise reject(f"must be a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise reject(f"must be finite, got {value!r}")
+        if self.value_type is int:
+            if number != math.floor(number):
+                raise reject(f"must be an integer, got {value!r}")
+            number = int(number)
+        if self.low is not None and (number < self.low or (number == self.low and not self.low_inclusive)):
+            raise reject(f"is out of range: {value!r}")
+        if self.high is not None and (number > self.high or (number == self.high and not self.high_inclusive)):
+            raise reject(f"is out of range: {value!r}")
+        return number
+
+
+@dataclass(frozen=True)
+class ResolvedParams:
+    """Validated parameters with every default filled in."""
+
+    method: str
+    global_params: Mapping[str, Any]
+    per_model_params: tuple[Mapping[str, Any], ...]
+
+    def per_model(self, name: str) -> list[Any]:
+        """The values of one per-model parameter, in model order."""
+        return [params[name] for params in self.per_model_params]
+
+
+CrossCheck = Callable[[ResolvedParams], None]
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """What a method function receives: fp32 tensors on one device, resolved parameters and the random context."""
+
+    tensors: tuple[Tensor, ...]
+    base: Tensor | None
+    params: ResolvedParams
+    seed: int = 0
+    tensor_name: str = ""
+
+    def param(self, name: str) -> Any:
+        return self.params.global_params[name]
+
+    def per_model(self, name: str) -> list[Any]:
+        return self.params.per_model(name)
+
+    def generator(self, model_index: int) -> torch.Generator:
+        """The stable per-(seed, tensor name, model index) generator for random methods."""
+        device = (self.base if self.base is not None else self.tensors[0]).device
+        return derive_generator(self.seed, self.tensor_name, model_index, device)
+
+    def generators(self) -> list[torch.Generator]:
+        return [self.generator(index) for index in range(len(self.tensors))]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Description of a registered merge method.
+
+    ``min_models``/``max_models`` count the non-base tensors (``max_models`` None = unbounded). When a tensor exists
+    only in the base model, the engine copies it unchanged; mergekit does the same for a lone input.
+    ``cross_check`` validates constraints that involve several parameters.
+    """
+
+    name: str
+    function: Callable[[MergeInputs], Tensor] = field(repr=False)
+    params: tuple[ParamSpec, ...]
+    base_model: BaseUsage
+    min_models: int
+    max_models: int | None
+    is_random: bool
+    summary: str
+    cross_check: CrossCheck | None = field(default=None, repr=False)
+
+    @property
+    def requires_base(self) -> bool:
+        return self.base_model == "required"
+
+    def param(self, name: str) -> ParamSpec:
+        for spec in self.params:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def has_param(self, name: str) -> bool:
+        return any(spec.name == name for spec in self.params)
+
+    @property
+    def global_param_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.params if spec.scope == "global")
+
+    @property
+    def per_model_param_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.params if spec.scope == "per_model")
+
+    def describe_model_count(self) -> str:
+        if self.max_models is None:
+            return f"at least {self.min_models}"
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        return f"{self.min_models} to {self.max_models}"
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(_REGISTRY)
+
+
+def register_method(
+    name: str,
+    *,
+    params: Sequence[ParamSpec],
+    base_model: BaseUsage,
+    min_models: int,
+    max_models: int | None,
+    is_random: bool = False,
+    summary: str = "",
+    cross_check: CrossCheck | None = None,
+) -> Callable[[Callable[[MergeInputs], Tensor]], Callable[[MergeInputs], Tensor]]:
+    """Decorator that registers ``function`` under ``name``. Registering a name twice is an error."""
+
+    def decorate(function: Callable[[MergeInputs], Tensor]) -> Callable[[MergeInputs], Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is already registered")
+        names = [spec.name for spec in params]
+        if len(names) != len(set(names)):
+            raise ValueError(f"merge method {name!r} declares a parameter twice: {names}")
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            function=function,
+            params=tuple(params),
+            base_model=base_model,
+            min_models=min_models,
+            max_models=max_models,
+            is_random=is_random,
+            summary=summary or (function.__doc__ or "").strip().split("\n")[0],
+            cross_check=cross_check,
+        )
+        return function
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec registered under ``name``. Raises ValueError listing the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(list_methods())}") from None
+
+
+def _apply_rescale_alias(spec: MethodSpec, params: dict[str, Any], where: str) -> None:
+    """Translate mergekit's ``rescale: bool`` into ``rescale_mode`` in place."""
+    if "rescale" not in params or not spec.has_param("rescale_mode"):
+        return
+    flag = params.pop("rescale")
+    if not isinstance(flag, bool):
+        raise ValueError(f"{where}: parameter 'rescale' must be a bool, got {flag!r}; allowed: true or false")
+    translated = "l1" if flag else "none"
+    if "rescale_mode" in params and (params["rescale_mode"] == "none") == flag:
+        raise ValueError(
+            f"{where}: 'rescale'={flag} contradicts 'rescale_mode'={params['rescale_mode']!r}; give only rescale_mode"
+        )
+    params.setdefault("rescale_mode", translated)
+
+
+def validate_params(
+    method_name: str,
+    global_params: Mapping[str, Any] | None = None,
+    per_model_params: Sequence[Mapping[str, Any] | None] | None = None,
+) -> ResolvedParams:
+    """Validate parameters against the method's spec and fill in defaults.
+
+    ``per_model_params`` holds one dict per non-base model, in config order. Its length is the model count and is
+    checked against the spec. Raises ValueError naming the method, the parameter (and the model index for per-model
+    values) and the allowed values or range.
+    """
+    spec = get_method(method_name)
+    global_given = dict(global_params or {})
+    _apply_rescale_alias(spec, global_given, f"{method_name} (global)")
+    model_dicts = [dict(params or {}) for params in (per_model_params or [])]
+    model_count = len(model_dicts)
+    if model_count < spec.min_models or (spec.max_models is not None and model_count > spec.max_models):
+        raise ValueError(
+            f"{method_name}: takes {spec.describe_model_count()} non-base model(s), got {model_count}"
+        )
+
+    known = {param.name: param for param in spec.params}
+    for name in global_given:
+        if name not in known:
+            raise ValueError(
+                f"{method_name}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}"
+            )
+
+    resolved_global: dict[str, Any] = {}
+    for name in spec.global_param_names:
+        param = known[name]
+        value = global_given.get(name, _MISSING)
+        if value is _MISSING:
+            if param.required:
+                raise ValueError(f"{method_name}: missing required parameter {name!r}; allowed: {param.allowed()}")
+            value = param.default
+        resolved_global[name] = param.coerce(value, method_name)
+
+    resolved_models: list[dict[str, Any]] = []
+    for index, given in enumerate(model_dicts):
+        where = f"{method_name} (model {index})"
+        _apply_rescale_alias(spec, given, where)
+        for name in given:
+            if name not in known:
+                raise ValueError(
+                    f"{where}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}"
+                )
+            if known[name].scope == "global":
+                raise ValueError(f"{where}: parameter {name!r} is global and cannot be set per model")
+        resolved: dict[str, Any] = {}
+        for name in spec.per_model_param_names:
+            param = known[name]
+            value = given.get(name, global_given.get(name, _MISSING))
+            if value is _MISSING:
+                if param.required:
+                    raise ValueError(f"{where}: missing required parameter {name!r}; allowed: {param.allowed()}")
+                value = param.default
+            resolved[name] = param.coerce(value, where)
+        resolved_models.append(resolved)
+
+    result = ResolvedParams(
+        method=method_name,
+        global_params=MappingProxyType(resolved_global),
+        per_model_params=tuple(MappingProxyType(params) for params in resolved_models),
+    )
+    if spec.cross_check is not None:
+        spec.cross_check(result)
+    return result
+
+
+def common_submatrix(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Truncate tensors of equal rank to their common leading block ``[min rows, min cols, ...]``.
+
+    This is the vocab-size rule of design note §0, meant for embeddings (``embed_tokens``, ``lm_head``) when no
+    tokenizer alignment is configured. The method layer does not know which tensors are embeddings, so the engine
+    calls this explicitly and logs it. Views are returned and nothing is copied.
+    """
+    if not tensors:
+        return []
+    ranks = {tensor.dim() for tensor in tensors}
+    if len(ranks) != 1:
+        raise ValueError(f"cannot truncate tensors of different rank: shapes {[tuple(t.shape) for t in tensors]}")
+    common = [min(sizes) for sizes in zip(*(tensor.shape for tensor in tensors))]
+    return [tensor[tuple(slice(0, size) for size in common)] for tensor in tensors]
+
+
+def _as_fp32(tensor: Tensor, label: str) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{label} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{label} must be a floating-point tensor, got {tensor.dtype}")
+    return tensor.to(torch.float32)
+
+
+def merge_tensor(
+    method_name: str,
+    tensors: Sequence[Tensor],
+    base: Tensor | None = None,
+    global_params: Mapping[str, Any] | None = None,
+    per_model_params: Sequence[Mapping[str, Any] | None] | None = None,
+    *,
+    seed: int = 0,
+    tensor_name: str = "",
+) -> Tensor:
+    """Merge one tensor name across models and return the fp32 result on the inputs' device.
+
+    ``tensors`` are the non-base models' tensors in config order. ``per_model_params`` gives one dict per entry of
+    ``tensors``; None or an empty sequence means defaults for all of them. ``seed`` and ``tensor_name`` seed random
+    methods. All tensors must have the same shape and device; for embeddings of different vocab sizes, apply
+    :func:`common_submatrix` first.
+    """
+    spec = get_method(method_name)
+    tensors = list(tensors)
+    if not per_model_params:  # None or empty: every model takes the defaults (and global_params' per-model values)
+        per_model_params = [{} for _ in tensors]
+    if len(per_model_params) != len(tensors):
+        raise ValueError(
+            f"{method_name}: got {len(tensors)} tensors but {len(per_model_params)} per-model parameter dicts"
+        )
+    if base is None and spec.base_model == "required":
+        raise ValueError(f"{method_name}: requires a base model tensor")
+    if base is not None and spec.base_model == "none":
+        raise ValueError(
+            f"{method_name}: does not take a base model; pass base=None "
+            "(list the base among `tensors`, with its own parameters, if it should contribute)"
+        )
+    params = validate_params(method_name, global_params, per_model_params)
+
+    inputs = [_as_fp32(tensor, f"{method_name}: tensor {index}") for index, tensor in enumerate(tensors)]
+    base_fp32 = _as_fp32(base, f"{method_name}: base") if base is not None else None
+    reference = base_fp32 if base_fp32 is not None else inputs[0]
+    for index, tensor in enumerate(inputs):
+        if tensor.shape != reference.shape:
+            raise ValueError(
+                f"{method_name}: tensor {index} of {tensor_name or 'this tensor'} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(reference.shape)}; truncate embeddings with common_submatrix() or skip the model"
+            )
+        if tensor.device != reference.device:
+            raise ValueError(f"{method_name}: tensor {index} is on {tensor.device}, expected {reference.device}")
+
+    result = spec.function(
+        MergeInputs(tensors=tuple(inputs), base=base_fp32, params=params, seed=seed, tensor_name=tensor_name)
+    )
+    return result.to(torch.float32)

@@ -1,0 +1,152 @@
+"""Building the zoo: train base + experts, save them as Hugging Face checkpoints, cached by recipe.
+
+A built zoo is a folder with one subfolder per model (`base`, `num`, `rev`, `col`, each loadable with
+`AutoModelForCausalLM.from_pretrained`), `tasks/` (the lm-eval task folder for this zoo's world) and `zoo.json`
+(recipe, fingerprint, timings). It is written to a temporary folder and renamed into place, so a crash never
+leaves a half-built zoo that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root
+from auto_merge.zoo.train import DEFAULT_RECIPE, Recipe, llama_config, train_stage
+from auto_merge.zoo.world import build_world
+
+MANIFEST = "zoo.json"
+_FINGERPRINTED_SOURCES = ("world.py", "train.py", "tokenizer.py", "tasks.py")
+
+
+def recipe_fingerprint(recipe: Recipe = DEFAULT_RECIPE, seed: int = 0) -> str:
+    """Changes whenever the recipe, the seed or the code that defines the data and training changes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"recipe": recipe.to_dict(), "seed": seed}, sort_keys=True).encode())
+    here = Path(__file__).parent
+    for name in _FINGERPRINTED_SOURCES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()
+
+
+def default_zoo_dir(seed: int = 0, cache_dir=None, recipe: Recipe = DEFAULT_RECIPE) -> Path:
+    return cache_root(cache_dir) / "zoo" / f"seed{seed}-{recipe_fingerprint(recipe, seed)[:12]}"
+
+
+def is_complete(root: Path, fingerprint: str) -> bool:
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return False
+    return json.loads(manifest.read_text()).get("fingerprint") == fingerprint
+
+
+def ensure_zoo(seed: int = 0, cache_dir=None, build: bool = True, out: Path | None = None,
+               recipe: Recipe = DEFAULT_RECIPE, overwrite: bool = False, show_progress: bool = True) -> Path:
+    """Return a built zoo folder, building it when missing or when its recipe changed."""
+    fingerprint = recipe_fingerprint(recipe, seed)
+    root = Path(out) if out is not None else default_zoo_dir(seed, cache_dir, recipe)
+    if is_complete(root, fingerprint):
+        return root
+    if not build:
+        raise FileNotFoundError(f"the demo zoo (seed {seed}) is not built at {root}; run `auto-merge zoo build`")
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        if not (root / MANIFEST).is_file():
+            raise FileExistsError(f"{root} exists and is not a zoo; choose another --out or pass --overwrite")
+        if out is not None:
+            raise FileExistsError(
+                f"{root} holds a zoo built from another recipe or seed; pass --overwrite to rebuild it"
+            )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root):
+        if is_complete(root, fingerprint):  # another process built it while we waited
+            return root
+        tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _build_into(tmp, seed, recipe, fingerprint, show_progress)
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+@contextlib.contextmanager
+def _build_lock(root: Path):
+    lock_path = root.with_name(f".{root.name}.lock")
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_progress: bool) -> None:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from auto_merge.zoo.tasks import write_task_folder
+    from auto_merge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # one build bar is enough; no per-save shard bars
+    world = build_world(seed)
+    tokenizer = build_tokenizer()
+    folder.mkdir(parents=True)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    trained: dict[str, dict] = {}
+    report = {"stages": {}}
+    total_steps = sum(stage.steps for stage in recipe.stages)
+    started = time.perf_counter()
+    try:
+        with tqdm(total=total_steps, desc="zoo build", unit="step", disable=not show_progress,
+                  dynamic_ncols=True) as bar:
+            for stage in recipe.stages:
+                stage_start = time.perf_counter()
+                torch.manual_seed(seed)
+                model = LlamaForCausalLM(llama_config(recipe.shape))
+                if stage.init_from is not None:
+                    model.load_state_dict(trained[stage.init_from])
+                bar.set_description(f"zoo build: {stage.name}")
+
+                def tick(n, loss, bar=bar):
+                    bar.update(n)
+                    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+                losses = train_stage(model, world, stage, recipe, seed, progress=tick)
+                trained[stage.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.generation_config = GenerationConfig(
+                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=10
+                )
+                model.save_pretrained(folder / stage.name)
+                tokenizer.save_pretrained(folder / stage.name)
+                report["stages"][stage.name] = {
+                    "seconds": round(time.perf_counter() - stage_start, 2),
+                    "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 5),
+                }
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    missing = set(ZOO_MODEL_NAMES) - set(trained)
+    if missing:
+        raise RuntimeError(f"zoo recipe did not produce models {sorted(missing)}")
+    write_task_folder(folder / "tasks", world)
+    report.update(
+        fingerprint=fingerprint,
+        seed=seed,
+        recipe=recipe.to_dict(),
+        build_seconds=round(time.perf_counter() - started, 2),
+        models=list(ZOO_MODEL_NAMES),
+        torch_threads=torch.get_num_threads(),
+    )
+    (folder / MANIFEST).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,205 @@
+"""`auto-merge zoo report`: the zoo's quality bar, measured.
+
+Scores the base, each expert and a family of merges (uniform task arithmetic at several λ, TIES, and a seeded random
+sample of per-layer-group task-arithmetic coefficients) on the zoo's lm-eval tasks. The bar:
+1. each expert beats the base and every other expert on its own task by at least `EXPERT_MARGIN`;
+2. merging is worth searching: some merge beats every single expert on the mean task score.
+Merges go through the merge engine's in-memory path, the same path a search uses.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from auto_merge.zoo.tasks import HEADLINE_METRIC, HEADLINE_TASKS
+
+EXPERT_MARGIN = 0.2
+EXPERTS = ("num", "rev", "col")
+OWN_TASK = {"num": "zoo_num", "rev": "zoo_rev", "col": "zoo_col"}
+TA_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.2)
+TIES_SETTINGS = ({"density": 0.5, "lambda": 1.0}, {"density": 0.5, "lambda": 2.0})
+N_GROUPS = 4
+RANDOM_COEFFICIENT_RANGE = (0.4, 1.6)
+RANDOM_SAMPLE_SEED = 99
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str  # "base", "expert", "task_arithmetic", "ties", "random_groups"
+    scores: dict[str, float]  # task -> headline metric
+    setting: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores[t] for t in HEADLINE_TASKS)
+
+
+@dataclass
+class ZooReport:
+    seed: int
+    rows: list[Row]
+    seconds: float
+
+    def row(self, label: str) -> Row:
+        return next(r for r in self.rows if r.label == label)
+
+    @property
+    def experts(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "expert"]
+
+    @property
+    def merges(self) -> list[Row]:
+        return [r for r in self.rows if r.kind not in ("base", "expert")]
+
+    def expert_margins(self) -> dict[str, float]:
+        """Per expert: own-task score minus the best of the base and the other experts on that task."""
+        margins = {}
+        for name in EXPERTS:
+            task = OWN_TASK[name]
+            others = [r.scores[task] for r in self.rows if r.kind in ("base", "expert") and r.label != name]
+            margins[name] = self.row(name).scores[task] - max(others)
+        return margins
+
+    @property
+    def best_expert(self) -> Row:
+        return max(self.experts, key=lambda r: r.mean)
+
+    @property
+    def best_merge(self) -> Row:
+        return max(self.merges, key=lambda r: r.mean)
+
+    @property
+    def experts_are_specialists(self) -> bool:
+        return all(m >= EXPERT_MARGIN for m in self.expert_margins().values())
+
+    @property
+    def merging_pays(self) -> bool:
+        return self.best_merge.mean > self.best_expert.mean
+
+    @property
+    def quality_bar_met(self) -> bool:
+        return self.experts_are_specialists and self.merging_pays
+
+    def render(self) -> str:
+        columns = list(HEADLINE_TASKS) + ["mean"]
+        shown = [r for r in self.rows if r.kind != "random_groups"]
+        randoms = [r for r in self.rows if r.kind == "random_groups"]
+        if randoms:
+            shown.append(max(randoms, key=lambda r: r.mean))
+        lines = [f"demo zoo, seed {self.seed}: exact match on the zoo tasks ({self.seconds:.0f} s)", ""]
+        width = max(len(r.label) for r in shown) + 2
+        lines.append("model".ljust(width) + "".join(c.rjust(10) for c in columns))
+        for r in shown:
+            values = [r.scores[t] for t in HEADLINE_TASKS] + [r.mean]
+            lines.append(r.label.ljust(width) + "".join(f"{v:10.3f}" for v in values))
+        if randoms:
+            means = sorted(r.mean for r in randoms)
+            lines.append(
+                f"{len(randoms)} random per-layer-group TA merges: min {means[0]:.3f} / median "
+                f"{statistics.median(means):.3f} / max {means[-1]:.3f}"
+            )
+        margins = self.expert_margins()
+        lines.append("")
+        lines.append(
+            "experts beat base and other experts on their own task by: "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in margins.items())
+            + f"  (bar {EXPERT_MARGIN:+.2f}: {'met' if self.experts_are_specialists else 'NOT met'})"
+        )
+        delta = self.best_merge.mean - self.best_expert.mean
+        lines.append(
+            f"best merge {self.best_merge.label} {self.best_merge.mean:.3f} vs best expert {self.best_expert.label} "
+            f"{self.best_expert.mean:.3f}: {100 * delta:+.1f} points ({'met' if self.merging_pays else 'NOT met'})"
+        )
+        return "\n".join(lines)
+
+    def write_json(self, path: Path) -> None:
+        payload = {
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "rows": [asdict(r) | {"mean": r.mean} for r in self.rows],
+            "expert_margins": self.expert_margins(),
+            "quality_bar_met": self.quality_bar_met,
+        }
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def group_of(tensor_name: str, n_layers: int, n_groups: int = N_GROUPS) -> int:
+    """Layer group of a tensor: embeddings join the first group, the final norm and head the last."""
+    from auto_merge.merge.live import layer_index
+
+    layer = layer_index(tensor_name)
+    if layer is not None:
+        return layer * n_groups // n_layers
+    return 0 if "embed" in tensor_name else n_groups - 1
+
+
+def random_group_settings(samples: int, n_groups: int = N_GROUPS, n_experts: int = len(EXPERTS)):
+    """The same seeded sample for every zoo: coefficient per (group, expert)."""
+    rng = random.Random(RANDOM_SAMPLE_SEED)
+    low, high = RANDOM_COEFFICIENT_RANGE
+    return [[[rng.uniform(low, high) for _ in range(n_experts)] for _ in range(n_groups)] for _ in range(samples)]
+
+
+def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_dir=None) -> ZooReport:
+    from tqdm.auto import tqdm
+
+    from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskSuite, load_checkpoint
+    from auto_merge.merge.live import ResidentSources, TensorSpec, materialise_into
+    from auto_merge.zoo.build import ensure_zoo
+
+    started = time.perf_counter()
+    root = ensure_zoo(seed=seed, cache_dir=cache_dir, show_progress=progress)
+    suite = TaskSuite(list(HEADLINE_TASKS), include_paths=[root / "tasks"])
+    model, tokenizer = load_checkpoint(root / "base")
+    n_layers = model.config.num_hidden_layers
+    evaluator = LiveEvaluator(model, tokenizer, suite, batch_size=128)
+    sources = ResidentSources.from_checkpoints(root / "base", [root / name for name in EXPERTS])
+
+    def score() -> dict[str, float]:
+        results = evaluator.evaluate()
+        return {task: results[task][HEADLINE_METRIC] for task in HEADLINE_TASKS}
+
+    def uniform(spec: TensorSpec):
+        return lambda name: spec
+
+    candidates: list[tuple[str, str, dict, object]] = [("base", "base", {}, None)]
+    for i, name in enumerate(EXPERTS):
+        one_hot = tuple({"weight": 1.0 if j == i else 0.0} for j in range(len(EXPERTS)))
+        candidates.append((name, "expert", {}, uniform(TensorSpec("linear", {}, one_hot))))
+    for lam in TA_LAMBDAS:
+        weights = tuple({"weight": 1.0} for _ in EXPERTS)
+        candidates.append((f"TA λ={lam}", "task_arithmetic", {"lambda": lam},
+                           uniform(TensorSpec("task_arithmetic", {"lambda": lam}, weights))))
+    for setting in TIES_SETTINGS:
+        ties_models = tuple({"weight": 1.0, "density": setting["density"]} for _ in EXPERTS)
+        candidates.append((f"TIES d={setting['density']} λ={setting['lambda']}", "ties", dict(setting),
+                           uniform(TensorSpec("ties", {"lambda": setting["lambda"]}, ties_models))))
+    for k, coefficients in enumerate(random_group_settings(samples)):
+        specs = [TensorSpec("task_arithmetic", {"lambda": 1.0}, tuple({"weight": c} for c in group))
+                 for group in coefficients]
+        candidates.append((f"random groups #{k}", "random_groups", {"coefficients": coefficients},
+                           lambda name, specs=specs: specs[group_of(name, n_layers)]))
+
+    rows = []
+    for label, kind, setting, plan in tqdm(candidates, desc="zoo report", disable=not progress, dynamic_ncols=True):
+        if plan is None:
+            _restore_base(model, sources)
+        else:
+            materialise_into(model, sources, plan, seed=seed)
+        rows.append(Row(label, kind, score(), setting))
+    return ZooReport(seed=seed, rows=rows, seconds=time.perf_counter() - started)
+
+
+def _restore_base(model, sources) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in sources.names:
+            params[name].copy_(sources.base[name])
