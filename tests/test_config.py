@@ -35,7 +35,7 @@ DATA = Path(__file__).parent / "data"
 BAD_CONFIGS = DATA / "bad_configs"
 GOOD_CONFIGS = DATA / "good_configs"
 # Verbatim copies of the reference's exp_config/*.yaml (/work/shared/reference/exp_config).
-REFERENCE_CONFIGS = GOOD_CONFIGS / "reference"
+REFERENCE_CONFIGS = DATA / "reference" / "exp_config"
 PROJECT_CONFIGS = Path(__file__).parent.parent / "exp_config"
 BAD_EXPECTATIONS: dict[str, dict] = yaml.safe_load((BAD_CONFIGS / "expected.yaml").read_text())
 REFERENCE_HUB_IDS = ("meta-llama/Llama-2-13b-hf", "WizardLMTeam/WizardLM-13B-V1.2", "vanillaOVO/WizardMath-13B-V1.0",
