@@ -34,7 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run the search an experiment config describes")
     search.add_argument("--config", required=True, type=Path, help="experiment config YAML (exp_config/*.yaml)")
     search.add_argument("--dry-run", action="store_true", help="validate the config and its models, then stop")
+    search.add_argument("--overwrite", action="store_true",
+                        help="replace the run folder if it holds a run of a different config")
+    search.add_argument("--run-name", default=None, help="run folder name under output_path (default: strategy)")
+    search.add_argument("--no-model", action="store_true", help="do not write the winning checkpoint")
     search.set_defaults(handler=cmd_search)
+
+    replay = commands.add_parser("replay", help="turn a found configuration (search_config/*.json) into a model")
+    replay.add_argument("found", type=Path, help="search_config JSON (this project's, or the reference's flat one)")
+    replay.add_argument("out_dir", type=Path, help="output folder (created atomically)")
+    replay.add_argument("--config", type=Path, default=None,
+                        help="experiment config (needed for the reference's flat JSON: models, filters, groups)")
+    replay.add_argument("--eval", action="store_true", help="also score the model on the configuration's tasks")
+    replay.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    replay.set_defaults(handler=cmd_replay)
 
     validate = commands.add_parser("validate", help="validate an experiment config without loading any model")
     validate.add_argument("--config", required=True, type=Path)
@@ -57,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_path = zoo_commands.add_parser("path", help="print the folder of a built zoo (building it if needed)")
     zoo_path.add_argument("--seed", type=int, default=0)
     zoo_path.set_defaults(handler=cmd_zoo_path)
+
+    merge = commands.add_parser("merge", help="merge models as a recipe says (mergekit YAML or the reference's slices)")
+    merge.add_argument("recipe", type=Path, help="recipe YAML (mergekit schema or the reference's slice format)")
+    merge.add_argument("out_dir", type=Path, help="output folder (created atomically)")
+    merge.add_argument("--cuda", action="store_true", help="merge on the GPU")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    merge.add_argument("--out-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*)")
+    merge.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="also read .bin (pickle) checkpoints, with weights_only loading")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.set_defaults(handler=cmd_merge)
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on lm-eval tasks")
     evaluate.add_argument("--model", required=True, help="model folder, or zoo:NAME (base, num, rev, col)")
@@ -91,10 +117,31 @@ def cmd_search(args) -> int:
     print(f"{args.config}: valid ({config.strategy}); models resolved")
     if args.dry_run:
         return 0
-    raise UserFacingError(
-        f"the search driver for strategy {config.strategy!r} is not part of this version yet; "
-        "use --dry-run to validate, `auto-merge zoo report` to see the zoo's merges"
-    )
+    from auto_merge.config import ConfigError
+    from auto_merge.search.driver import SearchError, run_search
+    from auto_merge.strategies import StrategyError
+
+    try:
+        run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model)
+    except (ConfigError, SearchError, StrategyError) as err:
+        raise UserFacingError(str(err)) from None
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from auto_merge.config import ConfigError
+    from auto_merge.search.replay import ReplayError, replay
+    from auto_merge.strategies import StrategyError
+
+    try:
+        report = replay(args.found, args.out_dir, config_path=args.config, overwrite=args.overwrite,
+                        evaluate=args.eval)
+    except (ReplayError, ConfigError, StrategyError, FileExistsError) as err:
+        raise UserFacingError(str(err)) from None
+    print(f"wrote {report['out_dir']}")
+    for task, score in (report.get("scores") or {}).items():
+        print(f"{task}: {score:.4f}")
+    return 0
 
 
 def cmd_zoo_build(args) -> int:
@@ -125,8 +172,38 @@ def cmd_zoo_report(args) -> int:
     return 0 if report.quality_bar_met else 1
 
 
+def cmd_merge(args) -> int:
+    from auto_merge.merge.engine import describe_plan, merge_to_disk, prepare_plan
+    from auto_merge.merge.io import check_output_dir, parse_size
+
+    try:
+        parse_size(args.out_shard_size)
+        if not args.dry_run:
+            check_output_dir(args.out_dir, overwrite=args.overwrite)
+        plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle)
+    except (ValueError, FileExistsError) as err:  # RecipeError, model resolution and inspection errors
+        raise UserFacingError(str(err)) from None
+    if args.dry_run:
+        print(describe_plan(plan, args.out_shard_size))
+        return 0
+    if args.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserFacingError("--cuda: torch sees no CUDA device")
+    try:
+        result = merge_to_disk(plan, args.out_dir, seed=args.seed, device="cuda" if args.cuda else "cpu",
+                               out_shard_size=args.out_shard_size, overwrite=args.overwrite,
+                               progress=not args.no_progress, recipe_source=str(args.recipe))
+    except FileExistsError as err:  # the folder appeared while merging
+        raise UserFacingError(str(err)) from None
+    print(f"{result.out_dir}: {result.tensors} tensors in {result.shards} shard(s), "
+          f"{result.bytes_written / 1e6:.1f} MB, {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_eval(args) -> int:
-    from auto_merge.evaluation.lm_eval_runner import TaskNotFoundError, evaluate_checkpoint, format_table
+    from auto_merge.evaluation.lm_eval_runner import TaskConfigError, evaluate_checkpoint, format_table
 
     model_path = _resolve_model_arg(args.model)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -136,7 +213,7 @@ def cmd_eval(args) -> int:
     try:
         results = evaluate_checkpoint(model_path, tasks, limit=limit, batch_size=args.batch_size, device=args.device,
                                       include_paths=args.include_path, dtype=args.dtype)
-    except (TaskNotFoundError, FileNotFoundError) as err:
+    except (TaskConfigError, FileNotFoundError) as err:
         raise UserFacingError(str(err)) from None
     for task in tasks:
         if task in results:

@@ -4,28 +4,38 @@ A search evaluates hundreds of candidates over the same sources, so the sources 
 is materialised straight into the parameters of one live `transformers` model: no checkpoint is written, no model is
 re-instantiated, and the evaluator wrapping that model sees the new weights on its next call.
 
-A candidate is given as a *tensor plan*: for each tensor name, which method merges it and with which parameters.
-Recipes (slices, layer groups, filters) compile into such plans.
+Two entry points:
+
+- :class:`LiveMerger` runs the same :class:`~auto_merge.merge.plan.MergePlan` the streaming engine runs (a recipe
+  compiled against the models' headers), so a candidate scored live is exactly the checkpoint `auto-merge merge`
+  would write for its recipe. Source tensors are loaded once per model and kept, in fp32 (or, to save memory, the
+  experts as bf16 task vectors against an fp32 base), on the GPU when there is one and they fit, else on the CPU.
+  Each output tensor's task is remembered; a tensor whose task did not change since the last candidate (e.g. a
+  layer group the search did not touch) is not recomputed.
+- :func:`materialise_into` takes a *tensor plan* (tensor name → :class:`TensorSpec`) over one base and a fixed list
+  of experts held by :class:`ResidentSources`; the zoo report uses it for its uniform and per-group merges.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from auto_merge.merge.engine import merge_task
 from auto_merge.merge.methods import get_method, merge_tensor
+from auto_merge.merge.plan import MergePlan, ModelCatalog, SourceModel, TensorInput, compile_plan, layer_index
+from auto_merge.merge.recipe import Recipe, parse_recipe
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
+__all__ = ["LiveMerger", "LiveUpdate", "ResidentModels", "ResidentSources", "TensorSpec", "TensorPlan",
+           "layer_index", "materialise_into", "read_state"]
 
-
-def layer_index(tensor_name: str) -> int | None:
-    """Decoder layer number in a tensor name (`model.layers.3.mlp.up_proj.weight` -> 3), None outside the layers."""
-    match = _LAYER_INDEX.search(tensor_name)
-    return int(match.group(1)) if match else None
+# Share of free GPU memory the resident sources may take when the device is chosen automatically.
+GPU_MEMORY_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -95,3 +105,172 @@ def materialise_into(model: torch.nn.Module, sources: ResidentSources, plan: Ten
         )
         target = targets[name]
         target.copy_(merged.to(device=target.device, dtype=target.dtype))
+
+
+# ------------------------------------------------------------------------------------------ recipes, live
+class ResidentModels:
+    """Source tensors by (model, name), each model read completely on first use and kept on one device.
+
+    In fp32 every tensor is kept as read. With a 16-bit ``dtype`` the ``anchor`` model (the base) stays in fp32 and
+    the other models are kept as 16-bit *task vectors* against it (same-name tensors of equal shape; others as
+    weights), rebuilt in fp32 on each read: rounding then hits the small differences a merge is about, not the
+    large weights they ride on.
+    """
+
+    def __init__(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 anchor: SourceModel | None = None):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"resident sources are kept in float32, bfloat16 or float16, not {dtype}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.anchor = anchor if dtype != torch.float32 else None
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
+        self._deltas: dict[str, set[str]] = {}
+
+    def tensor(self, model: SourceModel, name: str) -> torch.Tensor:
+        state = self._state(model)
+        stored = state[name]
+        if name in self._deltas[model.ref]:
+            return self._state(self.anchor)[name] + stored.to(torch.float32)
+        return stored
+
+    def _state(self, model: SourceModel) -> dict[str, torch.Tensor]:
+        state = self._states.get(model.ref)
+        if state is None:
+            state = self._load(model)
+            self._states[model.ref] = state
+        return state
+
+    def _load(self, model: SourceModel) -> dict[str, torch.Tensor]:
+        from auto_merge.merge.io import CheckpointReader
+
+        is_anchor = self.anchor is not None and model.ref == self.anchor.ref
+        anchor_state = self._state(self.anchor) if self.anchor is not None and not is_anchor else None
+        keep_dtype = torch.float32 if is_anchor else self.dtype
+        state, deltas = {}, set()
+        with CheckpointReader(model.path, allow_pickle=model.allow_pickle) as reader:
+            for name in reader.names:
+                tensor = reader.get_tensor(name).to(device=self.device, dtype=torch.float32)
+                reference = anchor_state.get(name) if anchor_state is not None else None
+                if reference is not None and reference.shape == tensor.shape:
+                    tensor = tensor - reference
+                    deltas.add(name)
+                state[name] = tensor.to(keep_dtype)
+        self._deltas[model.ref] = deltas
+        return state
+
+    def adopt(self, ref: str, state: dict[str, torch.Tensor]) -> None:
+        """Keep tensors already in memory as model ``ref``'s weights, as they are (no copy, no conversion)."""
+        self._states[ref] = state
+        self._deltas[ref] = set()
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self._states)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for state in self._states.values() for t in state.values())
+
+
+def choose_device(models: Mapping[str, SourceModel], dtype: torch.dtype, preferred: str = "auto") -> str:
+    """``preferred`` unless "auto": then CUDA when available and the sources fit in its free memory, else CPU."""
+    if preferred != "auto":
+        return preferred
+    if not torch.cuda.is_available():
+        return "cpu"
+    element = torch.tensor([], dtype=dtype).element_size()
+    needed = sum(info.numel * element for model in models.values() for info in model.tensors.values())
+    free, _total = torch.cuda.mem_get_info()
+    return "cuda" if needed <= GPU_MEMORY_SHARE * free else "cpu"
+
+
+@dataclass(frozen=True)
+class LiveUpdate:
+    """What one :meth:`LiveMerger.apply` did: tensors recomputed, tensors left as they were, tied duplicates."""
+
+    recomputed: tuple[str, ...]
+    reused: tuple[str, ...]
+    tied: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+class LiveMerger:
+    """Writes merge candidates (recipes or plans) into one live model in place, recomputing only changed tensors."""
+
+    def __init__(self, model: torch.nn.Module, catalog: ModelCatalog | None = None, *, device: str = "auto",
+                 dtype: torch.dtype = torch.float32, task_vectors: bool = True):
+        """``dtype``: how sources are kept. With a 16-bit dtype and ``task_vectors``, the first plan's base stays
+        fp32 and the other models are kept as 16-bit task vectors against it; without, every model is kept as
+        16-bit weights (half the memory of the base's fp32 copy, less precise task vectors)."""
+        self.model = model
+        self.catalog = catalog or ModelCatalog()
+        self.preferred_device = device
+        self.dtype = dtype
+        self.task_vectors = task_vectors
+        self.resident: ResidentModels | None = None
+        self._applied: dict[str, Any] = {}
+
+    def compile(self, recipe: Recipe | Mapping, *, source: str | None = None) -> MergePlan:
+        """The plan for a recipe (or recipe data); model headers are read once, through the catalog."""
+        return compile_plan(parse_recipe(recipe, source=source), self.catalog, source=source)
+
+    def invalidate(self) -> None:
+        """Forget what was written: call after anything else changed the model's weights."""
+        self._applied.clear()
+
+    @torch.no_grad()
+    def apply(self, candidate: MergePlan | Recipe | Mapping, *, seed: int = 0) -> LiveUpdate:
+        """Materialise ``candidate`` into the live model; unchanged tensors since the last call are skipped."""
+        started = time.perf_counter()
+        plan = candidate if isinstance(candidate, MergePlan) else self.compile(candidate)
+        targets, tied = self._targets(plan)
+        if self.resident is None:
+            device = choose_device(plan.models, self.dtype, self.preferred_device)
+            anchor = plan.models[plan.recipe.base_model or plan.template] if self.task_vectors else None
+            self.resident = ResidentModels(device=device, dtype=self.dtype, anchor=anchor)
+        resident = self.resident
+
+        def fetch(tensor_input: TensorInput) -> torch.Tensor:
+            return resident.tensor(plan.models[tensor_input.model], tensor_input.name)
+
+        recomputed, reused = [], []
+        for task in plan.tasks:
+            if task.name in tied:
+                continue
+            key = (task, seed if task.is_random else None)
+            if self._applied.get(task.name) == key:
+                reused.append(task.name)
+                continue
+            merged = merge_task(task, fetch, seed=seed, device=resident.device)
+            target = targets[task.name]
+            target.copy_(merged.to(device=target.device, dtype=target.dtype))
+            self._applied[task.name] = key
+            recomputed.append(task.name)
+        return LiveUpdate(tuple(recomputed), tuple(reused), tuple(sorted(tied)), time.perf_counter() - started)
+
+    def _targets(self, plan: MergePlan) -> tuple[dict[str, torch.Tensor], set[str]]:
+        """The model's tensor for each planned name (checked before anything is written) and tied duplicates.
+
+        A tied LM head shares its storage with the input embedding; the embedding (planned first) is written and
+        the head skipped, as loading a checkpoint with tied weights does.
+        """
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        missing = [task.name for task in plan.tasks if task.name not in targets]
+        if missing:
+            raise KeyError(f"the live model has no tensor(s) {missing[:5]} of the plan "
+                           f"({len(missing)} in all); the recipe changes the architecture (depth or names)")
+        wrong = [f"{t.name}: plan {list(t.shape)}, model {list(targets[t.name].shape)}"
+                 for t in plan.tasks if tuple(targets[t.name].shape) != tuple(t.shape)]
+        if wrong:
+            raise ValueError(f"planned shapes differ from the live model's: {'; '.join(wrong[:3])}")
+        storages: dict[int, str] = {}
+        tied = set()
+        for task in plan.tasks:
+            pointer = targets[task.name].data_ptr()
+            if pointer in storages:
+                tied.add(task.name)
+            else:
+                storages[pointer] = task.name
+        return targets, tied

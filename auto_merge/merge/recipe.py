@@ -1,0 +1,861 @@
+"""Merge recipes: one typed description of any merge, read from mergekit YAML or the reference's slice format.
+
+A recipe names the models to merge either as ``models`` (every layer of every model) or as ``slices`` (each slice a
+list of sources with a ``layer_range``; slices are stacked in order), a ``merge_method``, an optional ``base_model``,
+``parameters``, the output ``dtype`` and the ``tokenizer_source``. It says nothing about tensors: the planner
+(:mod:`auto_merge.merge.plan`) turns it into one task per output tensor.
+
+Parameters can be given at four levels; the most specific one that has a value for a tensor wins (mergekit's order):
+per source (``slices[i].sources[j].parameters`` or ``models[j].parameters``), per slice, and recipe-wide. Each value is
+a scalar, a *gradient* (a list of numbers interpolated piecewise-linearly across the layers of a slice: layer i of n
+sits at position i/(n-1)), or a list of ``{filter, value}`` entries. For a tensor, the first entry whose ``filter`` is
+a substring of the output tensor name wins; the entry without a filter (or with ``filter: "*"``) is the fallback
+wherever it is written. When nothing matches at one level, the next level is asked.
+
+Extensions to the mergekit schema (all optional): a slice may carry its own ``merge_method`` (the reference's slices
+do), and ``base_layer_range`` (the reference's ``target``) says which layers of the base model a slice's task vectors
+are taken against.
+
+The reference's slice format (``merging_method: {METHOD: {PARAM: [{filter, value}]}}`` on slices or next to
+``models``) is translated on reading: ``scaling_coefficient`` becomes ``lambda``, ``param_value_mask_rate`` r becomes
+``density`` 1 - r, linear's ``weights`` list is split over the sources, ``slerp_t`` becomes ``t`` with the first
+source as the slerp base, and every source of a task-arithmetic or TIES slice gets weight 1.
+
+Errors are :class:`RecipeError` (a ValueError) naming the recipe file and key path and the allowed values, raised
+before any model is read.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from auto_merge.merge.methods import get_method, list_methods
+
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+TOKENIZER_MODES = ("base", "union")
+# mergekit options that change memory use only; accepted wherever mergekit accepts them and otherwise ignored.
+MEMORY_ONLY_PARAMS = {"int8_mask"}
+# Keys of the mergekit schema this version does not implement: rejected with a message rather than ignored.
+UNSUPPORTED_KEYS = {
+    "modules": "multi-module (e.g. vision-language) merges",
+    "tokenizer": "the `tokenizer:` block (use tokenizer_source)",
+    "chat_template": "chat_template (the tokenizer source's template is copied)",
+    "out_path": "out_path (give the output folder on the command line)",
+    "name": "named stages of mergekit-multi files (give one recipe per file)",
+}
+UNSUPPORTED_SLICE_KEYS = {"residual_weight": "residual_weight"}
+REFERENCE_METHOD_PARAMS = {
+    "linear": {"weights": "weight"},
+    "task_arithmetic": {"scaling_coefficient": "lambda"},
+    "ties": {"scaling_coefficient": "lambda", "param_value_mask_rate": "density"},
+    "slerp": {"slerp_t": "t"},
+}
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: names the file, the key path (``slices[1].sources[0].layer_range``) and what is allowed."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None,
+                 allowed: str | None = None):
+        self.source = source
+        self.key = key
+        self.allowed = allowed
+        self.detail = message
+        text = message if not key else f"{key}: {message}"
+        if allowed:
+            text += f"; allowed: {allowed}"
+        super().__init__(f"{source}: {text}" if source else text)
+
+
+# ----------------------------------------------------------------------------------------------- parameter values
+class ParamEntry(BaseModel):
+    """One conditional value: ``value`` (scalar or gradient list) applies to tensors whose name contains ``filter``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    filter: Optional[str] = None
+    value: Any
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_not_empty(cls, value):
+        if value is not None and not value:
+            raise ValueError("an empty filter matches every tensor; leave it out for the fallback entry")
+        return value
+
+    @field_validator("value")
+    @classmethod
+    def _check_value(cls, value):
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("a gradient needs at least one value")
+            if not all(_is_scalar(item) for item in value):
+                raise ValueError(f"a gradient holds numbers (or bools/strings), got {list(value)!r}")
+            kinds = {_scalar_kind(item) for item in value}
+            if len(kinds) != 1:
+                raise ValueError(f"a gradient mixes value types: {list(value)!r}")
+            return value
+        if not _is_scalar(value):
+            raise ValueError(f"expected a number, bool, string or a list of numbers, got {value!r}")
+        return value
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.filter is None or self.filter == "*"
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, (bool, str)):
+        return True
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _scalar_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "str" if isinstance(value, str) else "number"
+
+
+def _normalise_setting(setting: Any) -> Any:
+    """Any mergekit spelling of one parameter → a list of {filter, value} dicts (pydantic checks them next)."""
+    if isinstance(setting, Mapping):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(item, Mapping) for item in setting):
+        return setting
+    if isinstance(setting, list) and any(isinstance(item, Mapping) for item in setting):
+        raise ValueError("mixes {filter, value} entries with plain values; write every item as {filter, value}")
+    return [{"value": setting}]
+
+
+def _normalise_parameters(parameters: Any) -> Any:
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, Mapping):
+        return parameters  # pydantic reports the type error at the right key
+    return {name: _normalise_setting(setting) for name, setting in parameters.items()}
+
+
+Parameters = dict[str, tuple[ParamEntry, ...]]
+
+
+def evaluate_setting(entries: tuple[ParamEntry, ...], tensor_name: str, position: float) -> Any:
+    """The value of one parameter for ``tensor_name`` at ``position`` (0..1 across the slice), None if no entry applies.
+
+    The first entry whose filter occurs in the name wins; else the fallback entry. Number lists are interpolated
+    piecewise-linearly (mergekit's gradients); bool/string lists are steps.
+    """
+    chosen = next((entry for entry in entries if not entry.is_fallback and entry.filter in tensor_name), None)
+    if chosen is None:
+        chosen = next((entry for entry in entries if entry.is_fallback), None)
+    if chosen is None:
+        return None
+    return interpolate(chosen.value, position)
+
+
+def interpolate(value: Any, position: float) -> Any:
+    if not isinstance(value, tuple):
+        return value
+    if len(value) == 1:
+        return value[0]
+    if _scalar_kind(value[0]) != "number":
+        return value[int(position * (len(value) - 1))]
+    scaled = position * (len(value) - 1)
+    low = min(int(scaled), len(value) - 1)
+    high = min(len(value) - 1, low + 1)
+    fraction = scaled - low
+    if fraction == 0:
+        return value[low]
+    return (1 - fraction) * value[low] + fraction * value[high]
+
+
+# ------------------------------------------------------------------------------------------------ recipe model
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("parameters", mode="before", check_fields=False)
+    @classmethod
+    def _normalise_parameter_spellings(cls, value):
+        return _normalise_parameters(value)
+
+
+class ModelSource(_Strict):
+    """One entry of ``models``: a whole model and its per-model parameters."""
+
+    model: str
+    parameters: Parameters = Field(default_factory=dict)
+
+
+class SliceSource(_Strict):
+    """One source of a slice: layers ``[start, end)`` of ``model``, with per-source parameters."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+class Slice(_Strict):
+    """Output layers made from equally long layer ranges of the sources."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    merge_method: Optional[str] = None
+    base_model: Optional[str] = None
+    base_layer_range: Optional[tuple[int, int]] = None
+    parameters: Parameters = Field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
+
+
+class Recipe(_Strict):
+    """A merge: ``models`` or ``slices``, the method(s), base model, parameters, output dtype and tokenizer."""
+
+    models: Optional[list[ModelSource]] = None
+    slices: Optional[list[Slice]] = None
+    merge_method: Optional[str] = None
+    base_model: Optional[str] = None
+    parameters: Parameters = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: str = "base"
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _canonical_dtype(cls, value):
+        if value is None:
+            return None
+        if value not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {value!r}; allowed: {', '.join(sorted(set(DTYPE_ALIASES.values())))}")
+        return DTYPE_ALIASES[value]
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype tensors are written in (``out_dtype``, else ``dtype``); None = the template model's dtype."""
+        return self.out_dtype or self.dtype
+
+    def slice_method(self, index: int) -> str:
+        assert self.slices is not None
+        return self.slices[index].merge_method or self.merge_method  # type: ignore[return-value]
+
+    def methods(self) -> list[str]:
+        """The merge methods the recipe uses, in order of first use."""
+        if self.slices is None:
+            return [self.merge_method] if self.merge_method else []
+        seen: list[str] = []
+        for index in range(len(self.slices)):
+            method = self.slice_method(index)
+            if method not in seen:
+                seen.append(method)
+        return seen
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names, in order of first mention (base first)."""
+        refs: list[str] = []
+
+        def add(ref: str | None) -> None:
+            if ref and ref not in refs:
+                refs.append(ref)
+
+        add(self.base_model)
+        for entry in self.models or []:
+            add(entry.model)
+        for slice_ in self.slices or []:
+            add(slice_.base_model)
+            for source in slice_.sources:
+                add(source.model)
+        if self.tokenizer_source not in TOKENIZER_MODES:
+            add(self.tokenizer_source)
+        return refs
+
+    def to_dict(self) -> dict:
+        """Plain data in this module's own schema (mergekit keys plus the extensions), minimal and re-readable."""
+        data: dict[str, Any] = {}
+        if self.base_model:
+            data["base_model"] = self.base_model
+        if self.merge_method:
+            data["merge_method"] = self.merge_method
+        if self.models is not None:
+            data["models"] = [_source_dict(entry.model, None, entry.parameters) for entry in self.models]
+        if self.slices is not None:
+            data["slices"] = [_slice_dict(slice_) for slice_ in self.slices]
+        if self.parameters:
+            data["parameters"] = parameters_to_data(self.parameters)
+        if self.dtype:
+            data["dtype"] = self.dtype
+        if self.out_dtype:
+            data["out_dtype"] = self.out_dtype
+        if self.tokenizer_source != "base":
+            data["tokenizer_source"] = self.tokenizer_source
+        return data
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+
+def _source_dict(model: str, layer_range, parameters: Parameters) -> dict:
+    data: dict[str, Any] = {"model": model}
+    if layer_range is not None:
+        data["layer_range"] = list(layer_range)
+    if parameters:
+        data["parameters"] = parameters_to_data(parameters)
+    return data
+
+
+def _slice_dict(slice_: Slice) -> dict:
+    data: dict[str, Any] = {"sources": [_source_dict(s.model, s.layer_range, s.parameters) for s in slice_.sources]}
+    if slice_.merge_method:
+        data["merge_method"] = slice_.merge_method
+    if slice_.base_model:
+        data["base_model"] = slice_.base_model
+    if slice_.base_layer_range:
+        data["base_layer_range"] = list(slice_.base_layer_range)
+    if slice_.parameters:
+        data["parameters"] = parameters_to_data(slice_.parameters)
+    return data
+
+
+def parameters_to_data(parameters: Parameters, rename: Mapping[str, str] | None = None) -> dict:
+    """Parameters as plain YAML data: a lone fallback entry becomes its bare value, the fallback is written last."""
+    data = {}
+    for name, entries in parameters.items():
+        if len(entries) == 1 and entries[0].is_fallback:
+            data[name] = _plain_value(entries[0].value)
+            continue
+        ordered = [entry for entry in entries if not entry.is_fallback] + [e for e in entries if e.is_fallback][:1]
+        data[name] = [({"filter": e.filter} if not e.is_fallback else {}) | {"value": _plain_value(e.value)}
+                      for e in ordered]
+    return data
+
+
+def _plain_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Number lists (gradients, layer ranges) in flow style, the rest in block style."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list):
+    flow = all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file (mergekit schema or the reference's slice format)."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RecipeError(f"cannot read the recipe: {error}", source=source) from None
+    try:
+        documents = [document for document in yaml.safe_load_all(text) if document is not None]
+    except yaml.YAMLError as error:
+        raise RecipeError(f"not valid YAML: {error}", source=source) from None
+    if len(documents) != 1:
+        raise RecipeError(f"expected one YAML document, found {len(documents)} (multi-stage mergekit-multi files "
+                          "are not supported: run one recipe per stage)", source=source)
+    return parse_recipe(documents[0], source=source)
+
+
+def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
+    """Validate recipe data (already parsed YAML). Raises RecipeError naming ``source`` and the key path."""
+    if isinstance(data, Recipe):
+        return data
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}", source=source)
+    data = dict(data)
+    for key, what in UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise RecipeError(f"{what} is not supported by this version", source=source, key=key)
+    for index, slice_ in enumerate(data.get("slices") or []):
+        if isinstance(slice_, Mapping):
+            for key, what in UNSUPPORTED_SLICE_KEYS.items():
+                if key in slice_:
+                    raise RecipeError(f"{what} is not supported by this version", source=source,
+                                      key=f"slices[{index}].{key}")
+    if _is_reference_format(data):
+        data = _from_reference(data, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise _from_validation_error(error, source) from None
+    check_recipe(recipe, source=source)
+    return recipe
+
+
+def _from_validation_error(error: ValidationError, source: str | None) -> RecipeError:
+    first = error.errors()[0]
+    key = format_key(first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+        parent = first["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        more = f" (and {error.error_count() - 1} more error(s))" if error.error_count() > 1 else ""
+        return RecipeError(message + more, source=source, key=key, allowed=allowed)
+    more = f" (and {error.error_count() - 1} more error(s))" if error.error_count() > 1 else ""
+    return RecipeError(message + more, source=source, key=key)
+
+
+def _allowed_keys(parent: tuple) -> str:
+    names = [part for part in parent if isinstance(part, str)]
+    last = names[-1] if names else None
+    if last is None:
+        model = Recipe
+    elif last == "models":
+        model = ModelSource
+    elif last == "slices":
+        model = Slice
+    elif last == "sources":
+        model = SliceSource
+    else:
+        model = ParamEntry
+    return ", ".join(model.model_fields)
+
+
+def format_key(loc: tuple | list) -> str:
+    """('slices', 1, 'sources', 0, 'layer_range') → 'slices[1].sources[0].layer_range'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_recipe(recipe: Recipe, *, source: str | None = None) -> None:
+    """Cross-field checks that need no model: structure, methods, parameter names and scopes, layer ranges."""
+
+    def fail(message: str, key: str | None = None, allowed: str | None = None) -> None:
+        raise RecipeError(message, source=source, key=key, allowed=allowed)
+
+    if (recipe.models is None) == (recipe.slices is None):
+        fail("give exactly one of `models` and `slices`", key="models" if recipe.models else None,
+             allowed="models: [...] (whole models) or slices: [...] (layer ranges)")
+    if recipe.models is not None and not recipe.models:
+        fail("needs at least one model", key="models")
+    if recipe.slices is not None and not recipe.slices:
+        fail("needs at least one slice", key="slices")
+    _check_method_name(recipe.merge_method, "merge_method", fail)
+    if recipe.tokenizer_source in ("", None):
+        fail("must not be empty", key="tokenizer_source", allowed="base, union or a model reference")
+
+    if recipe.models is not None:
+        if recipe.merge_method is None:
+            fail("missing", key="merge_method", allowed=", ".join(list_methods()))
+        method = recipe.merge_method
+        for index, entry in enumerate(recipe.models):
+            _check_parameters(entry.parameters, [method], f"models[{index}].parameters", fail, per_model=True)
+        _check_base(method, recipe.base_model, "base_model", fail)
+        _check_parameters(recipe.parameters, [method], "parameters", fail, per_model=False)
+        return
+
+    for index, slice_ in enumerate(recipe.slices or []):
+        key = f"slices[{index}]"
+        _check_method_name(slice_.merge_method, f"{key}.merge_method", fail)
+        method = slice_.merge_method or recipe.merge_method
+        if method is None:
+            fail("no merge method: set the recipe's merge_method or this slice's", key=f"{key}.merge_method",
+                 allowed=", ".join(list_methods()))
+        for source_index, source_ in enumerate(slice_.sources):
+            where = f"{key}.sources[{source_index}]"
+            _check_layer_range(source_.layer_range, f"{where}.layer_range", fail)
+            _check_parameters(source_.parameters, [method], f"{where}.parameters", fail, per_model=True)
+            if source_.length != slice_.sources[0].length:
+                fail(f"spans {source_.length} layers but {key}.sources[0] spans {slice_.sources[0].length}",
+                     key=f"{where}.layer_range", allowed="layer ranges of equal length within a slice")
+        if slice_.base_layer_range is not None:
+            _check_layer_range(slice_.base_layer_range, f"{key}.base_layer_range", fail)
+            if slice_.base_layer_range[1] - slice_.base_layer_range[0] != slice_.length:
+                fail(f"spans {slice_.base_layer_range[1] - slice_.base_layer_range[0]} layers, the slice "
+                     f"{slice_.length}", key=f"{key}.base_layer_range", allowed="a range as long as the sources'")
+        _check_base(method, slice_.base_model or recipe.base_model, f"{key}.base_model", fail)
+        _check_parameters(slice_.parameters, [method], f"{key}.parameters", fail, per_model=False)
+    _check_parameters(recipe.parameters, recipe.methods(), "parameters", fail, per_model=False)
+
+
+def _check_method_name(method: str | None, key: str, fail) -> None:
+    if method is not None:
+        try:
+            get_method(method)
+        except ValueError:
+            fail(f"unknown merge method {method!r}", key=key, allowed=", ".join(list_methods()))
+
+
+def _check_base(method: str, base_model: str | None, key: str, fail) -> None:
+    if get_method(method).base_model == "required" and not base_model:
+        fail(f"{method} needs a base model", key=key, allowed="a model reference (local folder, zoo:NAME, hub id)")
+
+
+def _check_layer_range(layer_range: tuple[int, int], key: str, fail) -> None:
+    start, end = layer_range
+    if start < 0 or end <= start:
+        fail(f"[{start}, {end}] is empty or negative", key=key, allowed="[start, end) with 0 <= start < end")
+
+
+def accepted_parameter_names(method: str) -> dict[str, str]:
+    """Parameter name → scope ('global' or 'per_model') that a recipe may give for ``method``."""
+    spec = get_method(method)
+    names = {param.name: param.scope for param in spec.params}
+    if spec.has_param("rescale_mode"):
+        names["rescale"] = "global"  # mergekit's bool spelling, translated by the registry
+    if spec.has_param("lambda"):
+        names.update({name: "global" for name in MEMORY_ONLY_PARAMS})
+    return names
+
+
+def _check_parameters(parameters: Parameters, methods: list[str], key: str, fail, *, per_model: bool) -> None:
+    for name in parameters:
+        scopes = [accepted_parameter_names(method).get(name) for method in methods]
+        known = [scope for scope in scopes if scope is not None]
+        if not known:
+            allowed = sorted({n for method in methods for n, scope in accepted_parameter_names(method).items()
+                              if not per_model or scope == "per_model"})
+            fail(f"unknown parameter {name!r} for {' / '.join(methods)}", key=f"{key}.{name}",
+                 allowed=", ".join(allowed) or "none")
+        if per_model and "per_model" not in known:
+            fail(f"{name!r} is a global parameter of {' / '.join(methods)} and cannot be set per model",
+                 key=f"{key}.{name}", allowed="set it in the slice's or the recipe's parameters")
+
+
+# ------------------------------------------------------------------------------------- the reference's format
+def _is_reference_format(data: Mapping) -> bool:
+    if "merging_method" in data:
+        return True
+    return any(isinstance(s, Mapping) and "merging_method" in s for s in data.get("slices") or [])
+
+
+def _from_reference(data: Mapping, source: str | None) -> dict:
+    """The reference's `merging_method: {METHOD: {PARAM: [...]}}` recipes → this module's schema."""
+
+    def fail(message: str, key: str, allowed: str | None = None):
+        raise RecipeError(message, source=source, key=key, allowed=allowed)
+
+    data = dict(data)
+    if "merge_method" in data:
+        fail("give merge_method (mergekit) or merging_method (reference), not both", key="merging_method")
+    result: dict[str, Any] = {k: v for k, v in data.items() if k not in ("merging_method", "slices", "models")}
+    if "models" in data:
+        if "merging_method" not in data:
+            fail("missing", key="merging_method", allowed="{METHOD: {PARAM: [{filter, value}]}}")
+        method, params = _reference_method(data["merging_method"], "merging_method", fail)
+        models = data["models"]
+        if not isinstance(models, list):
+            fail("must be a list of {model, parameters}", key="models")
+        sources = [dict(m) if isinstance(m, Mapping) else m for m in models]
+        result["merge_method"] = method
+        result["models"], result["parameters"] = _reference_params(
+            method, params, sources, data.get("parameters"), "merging_method", fail)
+        return result
+    if "merging_method" in data:
+        fail("the reference format puts merging_method on each slice when slices are given", key="merging_method")
+    slices = data.get("slices")
+    if not isinstance(slices, list):
+        fail("must be a list of slices", key="slices")
+    converted = []
+    for index, slice_ in enumerate(slices):
+        key = f"slices[{index}]"
+        if not isinstance(slice_, Mapping):
+            fail("a slice is a mapping with sources and merging_method", key=key)
+        slice_ = dict(slice_)
+        if "merging_method" not in slice_:
+            fail("missing (every slice of a reference-format recipe names its method)", key=f"{key}.merging_method")
+        method, params = _reference_method(slice_.pop("merging_method"), f"{key}.merging_method", fail)
+        sources = slice_.get("sources")
+        if not isinstance(sources, list) or not sources:
+            fail("needs a non-empty list of sources", key=f"{key}.sources")
+        sources = [dict(s) if isinstance(s, Mapping) else s for s in sources]
+        target = slice_.pop("target", None)
+        out = {k: v for k, v in slice_.items() if k != "sources"}
+        out["merge_method"] = method
+        out["sources"], out["parameters"] = _reference_params(
+            method, params, sources, slice_.get("parameters"), f"{key}.merging_method", fail)
+        if target is not None:
+            if not isinstance(target, Mapping) or "layer_range" not in target:
+                fail("must be {model, layer_range}", key=f"{key}.target")
+            out["base_model"] = target.get("model", data.get("base_model"))
+            out["base_layer_range"] = target["layer_range"]
+        if method == "slerp":
+            # The reference interpolates from its first source (t = 0) to its second (t = 1).
+            first = sources[0] if isinstance(sources[0], Mapping) else {}
+            out["base_model"] = first.get("model")
+            out["base_layer_range"] = first.get("layer_range")
+        converted.append(out)
+    result["slices"] = converted
+    return result
+
+
+def _reference_method(value: Any, key: str, fail) -> tuple[str, dict]:
+    if not isinstance(value, Mapping) or len(value) != 1:
+        fail("must map exactly one method name to its parameters", key=key,
+             allowed="{METHOD: {PARAM: [{filter, value}]}} with METHOD one of " + ", ".join(list_methods()))
+    (method, params), = value.items()
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        fail("must map parameter names to [{filter, value}] lists", key=f"{key}.{method}")
+    return str(method), dict(params)
+
+
+def _reference_params(method: str, params: dict, sources: list, extra: Any, key: str, fail):
+    """Translate one reference method block; returns (sources with per-source params, slice-level params)."""
+    renames = REFERENCE_METHOD_PARAMS.get(method, {})
+    slice_params: dict[str, Any] = dict(extra) if isinstance(extra, Mapping) else {}
+    for name, setting in params.items():
+        target = renames.get(name, name)
+        entries = _normalise_setting(setting)
+        if method == "ties" and name == "param_value_mask_rate":
+            entries = [_map_entry(entry, lambda rate: 1.0 - rate, f"{key}.{method}.{name}", fail) for entry in entries]
+        if method == "linear" and name == "weights":
+            _split_per_source(entries, sources, target, f"{key}.{method}.{name}", fail)
+            continue
+        slice_params[target] = entries
+    if method in ("task_arithmetic", "ties") and "weight" not in slice_params:
+        slice_params["weight"] = 1.0  # the reference sums whole task vectors: θ + λ·Σ τ_i
+    return sources, slice_params
+
+
+def _map_entry(entry: Any, function, key: str, fail) -> dict:
+    if not isinstance(entry, Mapping) or "value" not in entry:
+        fail("each entry is {filter, value}", key=key)
+    value = entry["value"]
+    if isinstance(value, list):
+        mapped = [function(v) if _is_number(v) else fail(f"expected numbers, got {v!r}", key=key) for v in value]
+    elif _is_number(value):
+        mapped = function(value)
+    else:
+        fail(f"expected a number, got {value!r}", key=key)
+    return {**entry, "value": mapped}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _split_per_source(entries: list, sources: list, target: str, key: str, fail) -> None:
+    """linear's `weights` value lists hold one weight per source (in source order); give each source its own."""
+    per_source: list[list[dict]] = [[] for _ in sources]
+    for entry in entries:
+        if not isinstance(entry, Mapping) or "value" not in entry:
+            fail("each entry is {filter, value}", key=key)
+        value = entry["value"]
+        values = value if isinstance(value, list) else [value] * len(sources)
+        if len(values) != len(sources):
+            fail(f"has {len(values)} weights for {len(sources)} sources", key=key,
+                 allowed="one weight per source, in source order")
+        for index, weight in enumerate(values):
+            per_source[index].append({**entry, "value": weight})
+    for index, source_ in enumerate(sources):
+        if not isinstance(source_, dict):
+            fail("a source is {model, layer_range, parameters}", key=key)
+        own = dict(source_.get("parameters") or {})
+        own.setdefault(target, per_source[index])
+        source_["parameters"] = own
+
+
+# --------------------------------------------------------------------------------------------- mergekit export
+# Methods whose name and parameters mean the same in mergekit (the registry's other methods are this project's own).
+MERGEKIT_METHODS = frozenset({
+    "linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "task_arithmetic", "ties", "dare_ties",
+    "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "passthrough",
+})
+
+
+class MergekitExportError(RecipeError):
+    """A recipe that mergekit cannot reproduce (a method or parameter value it does not have)."""
+
+
+def to_mergekit_yaml(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
+                     out_dtype: str | None = None) -> str:
+    """The recipe as mergekit YAML, for `mergekit-yaml` (or `mergekit-multi` when slices use different methods).
+
+    ``model_names`` replaces model references mergekit cannot resolve (``zoo:NAME``) with folders. Merges are
+    exported with ``dtype: float32`` (this engine computes in fp32) and the output dtype as ``out_dtype``. Slices with
+    their own methods become one mergekit stage per slice plus a final passthrough stage that stacks them; mergekit's
+    rule for embeddings (first slice) and head (last slice) makes that stacking exact.
+    """
+    documents = to_mergekit(recipe, model_names=model_names, out_dtype=out_dtype)
+    header = ""
+    if len(documents) > 1:
+        header = ("# Slices use different merge methods: run with `mergekit-multi THIS_FILE --intermediate-dir DIR "
+                  "--out-path OUT`.\n")
+    return header + "---\n".join(dump_yaml(document) for document in documents)
+
+
+def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
+                out_dtype: str | None = None) -> list[dict]:
+    names = dict(model_names or {})
+
+    def name(ref: str) -> str:
+        return names.get(ref, ref)
+
+    for method in recipe.methods():
+        if method not in MERGEKIT_METHODS:
+            raise MergekitExportError(f"mergekit has no method {method!r}", key="merge_method",
+                                      allowed=", ".join(sorted(MERGEKIT_METHODS)))
+    final_dtype = out_dtype or recipe.output_dtype
+    common: dict[str, Any] = {"dtype": "float32"}
+    if final_dtype and final_dtype != "float32":
+        common["out_dtype"] = final_dtype
+
+    if recipe.models is not None:
+        method = recipe.merge_method
+        takes_base = get_method(method).base_model != "none"
+        document: dict[str, Any] = {"merge_method": method}
+        listed = {entry.model for entry in recipe.models}
+        if recipe.base_model and (takes_base or recipe.base_model in listed):
+            document["base_model"] = name(recipe.base_model)
+        document["models"] = [_source_dict(name(m.model), None, _export_params(m.parameters, f"models[{i}]"))
+                              for i, m in enumerate(recipe.models)]
+        _add_common(document, recipe, recipe.parameters, "base_model" in document, name, common)
+        return [document]
+
+    methods = [recipe.slice_method(i) for i in range(len(recipe.slices))]
+    if len(set(methods)) == 1:
+        document = {"merge_method": methods[0]}
+        slice_bases = [_export_slice_base(recipe, i) for i in range(len(recipe.slices))]
+        shared_base = recipe.base_model if get_method(methods[0]).base_model != "none" else None
+        if shared_base:
+            document["base_model"] = name(shared_base)
+        document["slices"] = [_export_slice(recipe, i, name, slice_bases[i], shared_base)
+                              for i in range(len(recipe.slices))]
+        _add_common(document, recipe, recipe.parameters, shared_base is not None, name, common)
+        return [document]
+
+    if recipe.tokenizer_source == "union":
+        raise MergekitExportError("a union tokenizer cannot be split into per-slice mergekit stages",
+                                  key="tokenizer_source", allowed="base or a model reference")
+    documents = []
+    final_sources = []
+    stage_common = {"dtype": "float32"}
+    tokenizer_model = name(recipe.tokenizer_source if recipe.tokenizer_source != "base"
+                           else recipe.base_model or recipe.slices[0].sources[0].model)
+    for index, method in enumerate(methods):
+        stage = f"slice-{index}"
+        base = _export_slice_base(recipe, index)
+        accepted = accepted_parameter_names(method)
+        document = {"name": stage, "merge_method": method}
+        if base:
+            document["base_model"] = name(base[0])
+        document["slices"] = [_export_slice(recipe, index, name, base, base[0] if base else None)]
+        parameters = {key: value for key, value in recipe.parameters.items() if key in accepted}
+        exported = parameters_to_data(_export_params(parameters, "parameters"))
+        if exported:
+            document["parameters"] = exported
+        document.update(stage_common)
+        document["tokenizer_source"] = tokenizer_model
+        documents.append(document)
+        final_sources.append({"sources": [{"model": stage, "layer_range": [0, recipe.slices[index].length]}]})
+    final = {"merge_method": "passthrough", "slices": final_sources, **common, "tokenizer_source": "slice-0"}
+    documents.append(final)
+    return documents
+
+
+def _add_common(document: dict, recipe: Recipe, parameters: Parameters, has_base: bool, name, common: dict) -> None:
+    exported = parameters_to_data(_export_params(parameters, "parameters"))
+    if exported:
+        document["parameters"] = exported
+    document.update(common)
+    if recipe.tokenizer_source == "union":
+        document["tokenizer_source"] = "union"
+    elif recipe.tokenizer_source == "base":
+        # mergekit's default tokenizer donor depends on set order; name it explicitly.
+        document["tokenizer_source"] = "base" if has_base else name(_first_model_ref(recipe))
+    else:
+        document["tokenizer_source"] = name(recipe.tokenizer_source)
+
+
+def _first_model_ref(recipe: Recipe) -> str:
+    return recipe.models[0].model if recipe.models is not None else recipe.slices[0].sources[0].model
+
+
+def _export_slice_base(recipe: Recipe, index: int) -> tuple[str, tuple[int, int]] | None:
+    """(base model, its layer range) for slice ``index`` when its method takes a base, else None."""
+    slice_ = recipe.slices[index]
+    if get_method(recipe.slice_method(index)).base_model == "none":
+        return None
+    base = slice_.base_model or recipe.base_model
+    if base is None:
+        return None
+    if slice_.base_layer_range is not None:
+        layer_range = tuple(slice_.base_layer_range)
+    else:
+        own = [s.layer_range for s in slice_.sources if s.model == base]
+        starts = {s.layer_range[0] for s in slice_.sources}
+        if own:
+            layer_range = tuple(own[0])
+        elif len(starts) == 1:
+            layer_range = tuple(slice_.sources[0].layer_range)
+        else:
+            raise MergekitExportError("the base layers of this slice are ambiguous", key=f"slices[{index}]",
+                                      allowed="base_layer_range")
+    return base, layer_range
+
+
+def _export_slice(recipe: Recipe, index: int, name, base: tuple[str, tuple[int, int]] | None,
+                  document_base: str | None) -> dict:
+    slice_ = recipe.slices[index]
+    key = f"slices[{index}]"
+    sources = [_source_dict(name(s.model), s.layer_range, _export_params(s.parameters, f"{key}.sources[{j}]"))
+               for j, s in enumerate(slice_.sources)]
+    data: dict[str, Any] = {}
+    if base is not None:
+        base_model, base_range = base
+        base_sources = [s for s in slice_.sources if s.model == base_model]
+        if base_sources and any(tuple(s.layer_range) != base_range for s in base_sources):
+            raise MergekitExportError("mergekit reads the base from its own source entry, which has other layers "
+                                      "than base_layer_range", key=f"{key}.base_layer_range")
+        if not base_sources:  # mergekit gathers the base only from the slice's sources
+            sources.append({"model": name(base_model), "layer_range": list(base_range)})
+        if base_model != document_base:
+            data["base_model"] = name(base_model)
+    data["sources"] = sources
+    exported = parameters_to_data(_export_params(slice_.parameters, f"{key}.parameters"))
+    if exported:
+        data["parameters"] = exported
+    return data
+
+
+def _export_params(parameters: Parameters, key: str) -> Parameters:
+    """Parameters renamed for mergekit (rescale_mode → rescale); raises for values mergekit does not have."""
+    translated: dict[str, tuple[ParamEntry, ...]] = {}
+    for name, entries in parameters.items():
+        if name == "rescale_mode":
+            values = {entry.value for entry in entries}
+            if not values <= {"l1", "none"}:
+                raise MergekitExportError(f"rescale_mode {sorted(values - {'l1', 'none'})} has no mergekit "
+                                          "equivalent", key=f"{key}.rescale_mode", allowed="l1 or none")
+            translated["rescale"] = tuple(ParamEntry(filter=e.filter, value=e.value == "l1") for e in entries)
+        elif name == "compat_breadcrumbs_empty_slice":
+            continue  # mergekit always behaves this way
+        else:
+            translated[name] = entries
+    return translated

@@ -1,0 +1,156 @@
+"""The in-memory path: a recipe materialised into a live model equals the checkpoint the streaming engine writes, and
+a candidate that changes one layer group recomputes only that group's tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from auto_merge.merge.engine import run_recipe
+from auto_merge.merge.live import LiveMerger, ResidentModels, ResidentSources, TensorSpec, materialise_into
+from auto_merge.merge.recipe import parse_recipe
+from auto_merge.zoo.build import ensure_zoo
+
+torch.set_num_threads(1)
+
+PROMPTS = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 20, 21, 22, 23, 24]])
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Path:
+    return ensure_zoo(seed=0, show_progress=False)
+
+
+@pytest.fixture
+def live_model(zoo):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROMPTS).logits
+
+
+def two_group_recipe(first_lambda: float, second_density: float) -> dict:
+    """Layers 0-3 and 4-7 as two slices (the search's layer groups), each with its own parameters."""
+    sources = lambda start: [{"model": m, "layer_range": [start, start + 4]} for m in ("zoo:num", "zoo:rev", "zoo:col")]
+    return {
+        "base_model": "zoo:base",
+        "merge_method": "ties",
+        "parameters": {"weight": 1.0, "density": 0.5},
+        "slices": [
+            {"sources": sources(0), "parameters": {"lambda": first_lambda}},
+            {"sources": sources(4), "merge_method": "dare_ties",
+             "parameters": {"density": [{"filter": "mlp", "value": second_density}, {"value": 0.7}]}},
+        ],
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_live_model_equals_the_streamed_checkpoint(live_model, tmp_path, seed):
+    from transformers import AutoModelForCausalLM
+
+    recipe = parse_recipe(two_group_recipe(0.9, 0.4))
+    LiveMerger(live_model, device="cpu").apply(recipe, seed=seed)
+    written = run_recipe(recipe, tmp_path / "out", seed=seed).out_dir
+    reference = AutoModelForCausalLM.from_pretrained(written).eval()
+    reference_state = reference.state_dict()
+    for name, tensor in live_model.state_dict().items():
+        assert torch.equal(tensor, reference_state[name]), name
+    assert torch.equal(logits(live_model), logits(reference))
+
+
+def test_a_changed_group_is_the_only_one_recomputed(live_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    merger = LiveMerger(live_model, device="cpu")
+    first = merger.apply(two_group_recipe(0.9, 0.4))
+    assert first.reused == () and len(first.recomputed) == 75
+    before = {name: tensor.clone() for name, tensor in live_model.state_dict().items()}
+
+    update = merger.apply(two_group_recipe(0.9, 0.6))  # only the second group's mlp density changes
+    changed = {f"model.layers.{layer}.mlp.{part}_proj.weight" for layer in range(4, 8)
+               for part in ("gate", "up", "down")}
+    assert set(update.recomputed) == changed
+    assert len(update.reused) == 75 - len(changed)
+    after = live_model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in after if name not in changed)
+
+    update = merger.apply(two_group_recipe(1.1, 0.6))  # the first group's lambda: its layers and the embeddings
+    assert {name.split(".")[2] for name in update.recomputed if ".layers." in name} == {"0", "1", "2", "3"}
+    assert "model.embed_tokens.weight" in update.recomputed
+    assert "lm_head.weight" not in update.recomputed  # the head follows the last slice, which did not change
+
+    written = run_recipe(parse_recipe(two_group_recipe(1.1, 0.6)), tmp_path / "out").out_dir
+    reference = AutoModelForCausalLM.from_pretrained(written).eval()
+    assert torch.equal(logits(live_model), logits(reference))
+
+    assert merger.apply(two_group_recipe(1.1, 0.6), seed=5).recomputed  # random tensors follow the seed
+    merger.invalidate()
+    assert len(merger.apply(two_group_recipe(1.1, 0.6)).recomputed) == 75
+
+
+def test_a_recipe_that_changes_the_architecture_is_refused_before_writing(live_model):
+    before = {name: tensor.clone() for name, tensor in live_model.state_dict().items()}
+    franken = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "zoo:num", "layer_range": [0, 6]}]},
+                                                          {"sources": [{"model": "zoo:rev", "layer_range": [4, 8]}]}]}
+    with pytest.raises(KeyError, match="changes the architecture"):
+        LiveMerger(live_model, device="cpu").apply(franken)
+    assert all(torch.equal(before[name], tensor) for name, tensor in live_model.state_dict().items())
+
+
+def test_bf16_task_vectors_save_memory_and_stay_close(live_model, zoo):
+    """bf16 rounding of the task vectors moves a continuous merge (task arithmetic) very little; magnitude-selecting
+    methods (TIES, DARE) can flip individual entries, so searches that need exact parity keep fp32."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
+              "models": [{"model": f"zoo:{m}"} for m in ("num", "rev", "col")], "dtype": "float32"}
+    exact = LiveMerger(live_model, device="cpu")
+    exact.apply(recipe)
+    exact_logits = logits(live_model)
+    other = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
+    compact = LiveMerger(other, device="cpu", dtype=torch.bfloat16)
+    compact.apply(recipe)
+    assert compact.resident.nbytes == exact.resident.nbytes * (4 + 3 * 2) // (4 * 4)  # fp32 base, bf16 experts
+    torch.testing.assert_close(logits(other), exact_logits, atol=0.02, rtol=0.01)
+
+    weights_only = LiveMerger(other, device="cpu", dtype=torch.bfloat16, task_vectors=False)
+    weights_only.apply(recipe)
+    assert weights_only.resident.nbytes * 2 == exact.resident.nbytes
+
+
+def test_tensors_already_in_memory_can_be_adopted(live_model, zoo):
+    from safetensors.torch import load_file
+
+    recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
+              "models": [{"model": "zoo:num"}], "dtype": "float32"}
+    merger = LiveMerger(live_model, device="cpu")
+    merger.apply(recipe)
+    expected = logits(live_model)
+    adopted = LiveMerger(live_model, device="cpu")
+    adopted.resident = ResidentModels(device="cpu")
+    for name in ("base", "num"):
+        adopted.resident.adopt(f"zoo:{name}", load_file(zoo / name / "model.safetensors"))
+    assert len(adopted.apply(recipe).recomputed) == 75
+    assert torch.equal(logits(live_model), expected)
+
+
+def test_recipes_and_tensor_plans_agree(live_model, zoo):
+    """The zoo report's tensor-plan path and the recipe path produce the same task-arithmetic merge."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"lambda": 0.7},
+              "models": [{"model": f"zoo:{m}", "parameters": {"weight": 1.0}} for m in ("num", "rev", "col")],
+              "dtype": "float32"}
+    LiveMerger(live_model, device="cpu").apply(recipe)
+    other = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
+    sources = ResidentSources.from_checkpoints(zoo / "base", [zoo / m for m in ("num", "rev", "col")])
+    spec = TensorSpec("task_arithmetic", {"lambda": 0.7}, tuple({"weight": 1.0} for _ in range(3)))
+    materialise_into(other, sources, lambda name: spec)
+    assert torch.equal(logits(live_model), logits(other))
