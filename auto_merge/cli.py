@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    evaluate.add_argument("--allow-code-execution", action="store_true",
+                          help="allow tasks that run model-written code (MBPP, HumanEval style)")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
@@ -212,7 +214,8 @@ def cmd_eval(args) -> int:
         limit = int(limit)
     try:
         results = evaluate_checkpoint(model_path, tasks, limit=limit, batch_size=args.batch_size, device=args.device,
-                                      include_paths=args.include_path, dtype=args.dtype)
+                                      include_paths=args.include_path, dtype=args.dtype,
+                                      allow_code_execution=args.allow_code_execution)
     except (TaskConfigError, FileNotFoundError) as err:
         raise UserFacingError(str(err)) from None
     for task in tasks:

@@ -13,7 +13,7 @@ import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -285,7 +285,7 @@ class EvaluationSettings(StrictModel):
     device: str | None = Field(None, description="lm-eval device: cpu, cuda, cuda:N, mps or auto (absent = auto)")
     include_path: str | list[str] | None = Field(
         None, description="Folder(s) of custom lm-eval task YAMLs; a string or (new) a list of strings; "
-                          "'' = none. Relative paths are relative to the working directory.")
+                          "'' = none. Relative paths are relative to the config file's folder.")
     tasks: list[EvaluationTask] = Field(
         default_factory=list, description="lm-eval tasks to score: a list of {task, metric, ...overrides}; searches "
                                           "need at least one (lfs_multiobj two: one objective each)")
@@ -293,6 +293,13 @@ class EvaluationSettings(StrictModel):
         "mean", description="New. How single-objective strategies combine the per-task costs into one: mean, or "
                             "weighted_mean using each task's weight. Multi-objective strategies keep one cost per "
                             "task. (The reference optimised tasks[0] only.)")
+    allow_code_execution: bool = Field(
+        False, description="New. Run tasks that execute model-written code (MBPP, HumanEval style); off by default")
+    budget_unit: Literal["examples", "fraction"] = Field(
+        "examples", description="New. A trial budget counts examples of the largest task (every task runs the "
+                                "same share of its documents), or is a fraction in (0, 1] of every task")
+    min_examples_per_task: int = Field(
+        10, ge=0, description="New. Smallest number of documents any task runs at any budget")
 
     @field_validator("num_fewshot", "limit", mode="before")
     @classmethod
@@ -540,6 +547,16 @@ class SearchSettings(StrictModel):
     eta: int = Field(3, ge=2, description="Hyperband eta")
     n_workers: int = Field(4, ge=1, description="Parallel workers (one accelerator each)")
     random_init_points: int = Field(0, ge=0, description="Random configurations added to the initial design")
+    optimizer: Literal["hyperband", "bo", "random"] = Field(
+        "hyperband", description="New. hyperband: multi-fidelity BO (SMAC Hyperband over budgets, the default); "
+                                 "bo: BO with every trial at max_budget; random: random search at max_budget")
+    dask_scheduler: Optional[str] = Field(
+        None, description="New. Address of an existing dask scheduler (e.g. tcp://host:8786) to run trials on "
+                          "instead of starting a local cluster of n_workers")
+    trial_walltime_limit: Optional[float] = Field(
+        None, gt=0, description="New. Seconds after which a trial is stopped and recorded as a timeout")
+    run_name: Optional[str] = Field(
+        None, min_length=1, description="New. Folder name of this run under output_path (default: the strategy)")
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "SearchSettings":

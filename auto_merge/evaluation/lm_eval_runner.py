@@ -1,22 +1,51 @@
 """Scoring models on lm-evaluation-harness tasks, offline and quietly.
 
-`TaskSuite` resolves task names once (the project's `custom_tasks/`, a user's include paths, and lm-eval's built-in
-tasks only when a name is not found in those). `LiveEvaluator` wraps one live `transformers` model: its weights may be
-overwritten in place between calls (as the merge engine does), and each call re-scores it without reloading anything
-or re-creating lm-eval's model wrapper.
+`TaskSuite` resolves task names once (the user's task folders, see `plugins.py`, and lm-eval's built-in tasks only
+for names those folders do not define), applies per-task config overrides, and loads every task and its data once.
+`LiveEvaluator` wraps one live `transformers` model in lm-eval's HFLM once: its weights may be overwritten in place
+between calls (as the merge engine does), and each call re-scores it without reloading anything. It scores either
+the first N documents (`evaluate`, for one-shot reports) or exactly the given documents, returning per-document
+metric values (`evaluate_documents`, used by the budgeted evaluator).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from auto_merge.evaluation.plugins import (
+    CodeExecutionNotAllowedError,
+    TaskConfigError,
+    TaskNameCollisionError,
+    TaskNotFoundError,
+    absolutise_data_paths,
+    builtin_task_index,
+    builtin_tasks_dir,
+    check_builtin_collisions,
+    check_code_execution,
+    has_relative_data_paths,
+    import_plugin_modules,
+    index_task_folders,
+    resolve_include_paths,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_EVALUATE_OFFLINE": "1"}
+
+__all__ = [
+    "CodeExecutionNotAllowedError", "LiveEvaluator", "TaskConfigError", "TaskNameCollisionError",
+    "TaskNotFoundError", "TaskSuite", "TaskUnit", "default_include_paths", "evaluate_checkpoint", "format_table",
+    "load_checkpoint", "quiet", "resolve_device", "set_offline",
+]
 
 
 def default_include_paths() -> list[Path]:
@@ -26,9 +55,23 @@ def default_include_paths() -> list[Path]:
 
 
 def set_offline() -> None:
-    """Never reach for a hub: datasets and models are local. Must run before datasets/transformers read them."""
+    """Never reach for a hub: datasets, models and metrics are local.
+
+    An explicit environment setting wins (set HF_HUB_OFFLINE=0 to allow downloads). Libraries read these variables
+    when first imported, so the ones already imported are told too.
+    """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    if os.environ["HF_HUB_OFFLINE"] == "1":
+        import sys
+
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].constants.HF_HUB_OFFLINE = True
+    if os.environ["HF_DATASETS_OFFLINE"] == "1":
+        import sys
+
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
 
 
 @contextlib.contextmanager
@@ -47,42 +90,200 @@ def quiet():
             lg.setLevel(level)
 
 
-class TaskNotFoundError(ValueError):
-    pass
+def resolve_device(device: str | None) -> str:
+    """`None`/`auto`: the first CUDA device when there is one, else the CPU."""
+    if device in (None, "auto"):
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
-@dataclass
+def cache_prompt_templates() -> None:
+    """Compile each of lm-eval's Jinja prompt templates once per process instead of once per document and field.
+
+    lm-eval's `apply_template` calls `Environment.from_string` on every use; in a search that is most of the time
+    spent outside the model on small models (4 templates x every document x every trial). The compiled template is
+    a pure function of its source, so caching it changes no output.
+    """
+    from lm_eval import utils
+
+    if getattr(utils.apply_template, "_auto_merge_cached", False):
+        return
+    compile_template = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+
+    def apply_template(template: str, doc: dict) -> str:
+        return compile_template(template).render(**doc)
+
+    apply_template._auto_merge_cached = True
+    utils.apply_template = apply_template
+
+
+@dataclass(frozen=True)
+class TaskUnit:
+    """One configured task name and the lm-eval leaf tasks that score it (one for a plain task, several for a group
+    or a tag)."""
+
+    name: str
+    kind: str  # "task", "group" or "tag"
+    leaves: tuple[str, ...]
+    group: Any = None  # the lm-eval Group, for groups
+
+    def weight_by_size(self, metric: str) -> bool:
+        """Whether the group score weights each subtask by its number of documents (lm-eval's default) or not."""
+        for aggregate in (self.group.aggregate_metric_list or []) if self.group is not None else []:
+            if aggregate.metric == metric:
+                return bool(aggregate.weight_by_size)
+        return True
+
+
 class TaskSuite:
-    """A fixed list of lm-eval tasks, indexed once and loaded once."""
+    """A fixed list of lm-eval tasks, indexed once and loaded once.
 
-    tasks: list[str]
-    include_paths: list[Path] = field(default_factory=default_include_paths)
+    `include_paths`: task folders (default: the project's `custom_tasks/`); relative ones are taken against
+    `base_dir` (default: the working directory). `overrides`: per task name, lm-eval task-config keys to replace
+    (e.g. `{"mmlu": {"test_split": "validation"}}`); relative data paths in them are taken against `base_dir` too.
+    `num_fewshot` applies to every task that has no `num_fewshot` override. Tasks that execute model-written code
+    are refused unless `allow_code_execution`.
+    """
 
-    def __post_init__(self) -> None:
+    def __init__(self, tasks: Sequence[str], include_paths: Sequence[str | os.PathLike] | None = None, *,
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None, num_fewshot: int | None = None,
+                 allow_code_execution: bool = False, base_dir: str | os.PathLike | None = None):
         set_offline()
         import datasets
 
         datasets.disable_progress_bars()
-        from lm_eval.tasks import TaskManager
+        cache_prompt_templates()
+        self.tasks = list(tasks)
+        self.allow_code_execution = allow_code_execution
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        self.include_paths = resolve_include_paths(
+            default_include_paths() if include_paths is None else include_paths, base)
+        unknown_overrides = sorted(set(overrides or {}) - set(self.tasks))
+        if unknown_overrides:
+            raise TaskConfigError(f"overrides for task(s) not in the suite: {', '.join(unknown_overrides)}")
+        self.overrides = {name: absolutise_data_paths(dict(values), base) for name, values in (overrides or {}).items()}
+        if num_fewshot is not None:
+            for name in self.tasks:
+                self.overrides.setdefault(name, {}).setdefault("num_fewshot", num_fewshot)
 
-        self.include_paths = [Path(p).resolve() for p in self.include_paths]
-        for path in self.include_paths:
-            if not path.is_dir():
-                raise FileNotFoundError(f"task include path {path} does not exist")
         with quiet():
-            manager = TaskManager(include_path=[str(p) for p in self.include_paths] or None, include_defaults=False)
-            missing = [t for t in self.tasks if t not in manager.all_subtasks and t not in manager.all_groups]
+            import_plugin_modules(self.include_paths)
+            definitions, unreadable = index_task_folders(self.include_paths)
+            builtins = builtin_task_index()
+            check_builtin_collisions(definitions, builtins)
+            missing = [name for name in self.tasks if name not in definitions and name not in builtins]
             if missing:
-                # Indexing lm-eval's ~15k built-in tasks costs seconds, so only when a name is not ours.
-                manager = TaskManager(include_path=[str(p) for p in self.include_paths] or None)
-                missing = [t for t in self.tasks if t not in manager.all_subtasks and t not in manager.all_groups]
-            if missing:
+                detail = "".join(f"\n  unreadable task file {line}" for line in unreadable)
                 raise TaskNotFoundError(
                     f"unknown task(s) {', '.join(missing)}; not in lm-eval's tasks nor in include paths "
-                    f"{', '.join(map(str, self.include_paths)) or '(none)'}"
-                )
-            self.task_dict = manager.load(self.tasks)
-        self.manager = manager
+                    f"{', '.join(map(str, self.include_paths)) or '(none)'}{detail}")
+            wanted_builtins = {name: builtins[name] for name in self.tasks if name not in definitions}
+            self.manager = self._task_manager(wanted_builtins, everything=False)
+            try:
+                self.task_dict, self.units = self._load(reraise_unknown_names=bool(wanted_builtins))
+            except KeyError:
+                # A built-in group can reference tasks defined outside its own folder: index all of lm-eval's.
+                self.manager = self._task_manager(wanted_builtins, everything=True)
+                self.task_dict, self.units = self._load(reraise_unknown_names=False)
+        check_code_execution(self.task_dict["tasks"], allow_code_execution)
+        for task in self.task_dict["tasks"].values():
+            freeze_documents(task)
+
+    @property
+    def leaf_tasks(self) -> dict[str, Any]:
+        """Leaf task name → lm-eval Task, over all units."""
+        return self.task_dict["tasks"]
+
+    def _task_manager(self, wanted_builtins: Mapping[str, str], everything: bool):
+        from lm_eval.tasks import TaskManager
+
+        folders = [str(p) for p in self.include_paths]
+        tag_wanted = any(path == "(tag)" for path in wanted_builtins.values())
+        with_defaults = everything or tag_wanted
+        if wanted_builtins and not with_defaults:
+            # Index only the built-in folders that hold the wanted tasks: all ~15k built-in YAMLs take seconds.
+            root = builtin_tasks_dir()
+            folders += sorted({str(root / Path(path).parts[0]) for path in wanted_builtins.values()})
+        manager = TaskManager(include_path=folders or None, include_defaults=with_defaults and bool(wanted_builtins))
+        self._prepare_index(manager)
+        return manager
+
+    def _prepare_index(self, manager) -> None:
+        """Make task-folder YAMLs independent of the working directory, then apply the overrides."""
+        from lm_eval.tasks._index import Kind
+        from lm_eval.tasks._yaml_loader import load_yaml
+
+        index = manager.task_index
+        plugin_folders = self.include_paths
+
+        def is_plugin(path: Path | None) -> bool:
+            return path is not None and any(path.resolve().is_relative_to(folder) for folder in plugin_folders)
+
+        def resolved_config(entry) -> dict[str, Any]:
+            if entry.yaml_path is None:
+                return dict(entry.cfg or {})
+            config = load_yaml(entry.yaml_path, resolve_func=True)
+            return absolutise_data_paths(config, entry.yaml_path.parent) if is_plugin(entry.yaml_path) else config
+
+        def replace_config(entry, config: dict[str, Any]) -> None:
+            # lm-eval builds a task from `entry.cfg` when the entry has no YAML path (as for inline configs).
+            entry.cfg = config
+            entry.yaml_path = None
+
+        for entry in index.values():
+            if (entry.kind is Kind.TASK and is_plugin(entry.yaml_path)
+                    and has_relative_data_paths(entry.cfg or {}, entry.yaml_path.parent)):
+                replace_config(entry, resolved_config(entry))
+        for name, values in self.overrides.items():
+            entry = index[name]
+            targets = [index[member] for member in sorted(entry.tags)] if entry.kind is Kind.TAG else [entry]
+            for target in targets:
+                replace_config(target, {**resolved_config(target), **values})
+
+    def _load(self, reraise_unknown_names: bool) -> tuple[dict[str, Any], dict[str, TaskUnit]]:
+        merged: dict[str, Any] = {"tasks": {}, "groups": {}, "group_map": {}}
+        units: dict[str, TaskUnit] = {}
+        owner: dict[str, str] = {}
+        for name in self.tasks:
+            try:
+                loaded = self.manager.load([name])
+            except KeyError as err:
+                if reraise_unknown_names:
+                    raise
+                raise TaskConfigError(f"task {name!r} could not be loaded: {err}") from err
+            except Exception as err:
+                raise TaskConfigError(f"task {name!r} could not be loaded: {type(err).__name__}: {err}") from err
+            if name in loaded["groups"]:
+                group = loaded["groups"][name]
+                unit = TaskUnit(name, "group", tuple(t.task_name for t in group.get_all_tasks()), group)
+            elif list(loaded["tasks"]) == [name]:
+                unit = TaskUnit(name, "task", (name,))
+            else:
+                unit = TaskUnit(name, "tag", tuple(sorted(loaded["tasks"])))
+            for leaf in unit.leaves:
+                if leaf in owner:
+                    raise TaskConfigError(f"task {leaf!r} is part of both {owner[leaf]!r} and {name!r}; "
+                                          f"list each task once")
+                owner[leaf] = name
+            units[name] = unit
+            merged["tasks"].update(loaded["tasks"])
+            merged["groups"].update(loaded.get("groups", {}))
+            merged["group_map"].update(loaded.get("group_map", {}))
+        return merged, units
+
+
+def freeze_documents(task) -> None:
+    """Materialise a task's evaluation documents once, as a list.
+
+    lm-eval re-reads them on every access (and re-runs the task's `process_docs` each time), several times per
+    evaluation: on small models that was a large share of a trial's time outside the model. The documents are the
+    same ones; they are only no longer re-derived (which also pins any randomness in `process_docs`).
+    """
+    documents = list(task.eval_docs)
+    split_accessor = "test_docs" if task.has_test_docs() else "validation_docs"
+    setattr(task, split_accessor, lambda: documents)
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
@@ -105,19 +306,63 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", device: str
     return model, tokenizer
 
 
-class LiveEvaluator:
-    """Scores one live model on a TaskSuite; the model's weights may change in place between calls."""
+class _DocumentIds(list):
+    """Sorted document ids for lm-eval's `samples`: it tests every document of a task for membership in this list
+    (a set makes that O(1)), and it maps the k-th selected document to the k-th id, so the ids must be sorted."""
 
-    def __init__(self, model, tokenizer, suite: TaskSuite, batch_size: int = 64, device: str = "cpu"):
+    def __init__(self, ids):
+        super().__init__(sorted(set(ids)))
+        self._members = frozenset(self)
+
+    def __contains__(self, item) -> bool:
+        return item in self._members
+
+
+class LiveEvaluator:
+    """Scores one live model on a TaskSuite; the model's weights may change in place between calls.
+
+    `device`: where the model runs (moved there once, here); None keeps it where it is. `forward_seconds`
+    accumulates the time spent inside the model's forward passes and generation (synchronised on CUDA), so callers
+    can tell lm-eval's own overhead from model time.
+    """
+
+    def __init__(self, model, tokenizer, suite: TaskSuite, batch_size: int | str = 64, device: str | None = None,
+                 max_length: int | None = None):
         set_offline()
+        import torch
+
+        if device is not None:
+            model.to(resolve_device(device))
+        model.eval()
         with quiet():
             from lm_eval.models.huggingface import HFLM
 
-            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            # With a model object HFLM takes the device from the model itself.
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        self.model = model
         self.suite = suite
+        self.forward_seconds = 0.0
+        self._synchronise = torch.cuda.synchronize if self.lm.device.type == "cuda" else None
+        for name in ("_model_call", "_model_generate"):
+            setattr(self.lm, name, self._timed(getattr(self.lm, name)))
+        self.lm.tok_encode = _memoised_encoder(self.lm.tok_encode)
+
+    def _timed(self, call):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                output = call(*args, **kwargs)
+                if self._synchronise is not None:
+                    self._synchronise()
+                return output
+            finally:
+                self.forward_seconds += time.perf_counter() - started
+
+        return timed
 
     def evaluate(self, limit: int | float | None = None) -> dict[str, dict[str, float]]:
-        """Per task, its metrics (`"exact_match,none"` style keys, as lm-eval reports them)."""
+        """Per task (and group), its metrics (`"exact_match,none"` style keys, as lm-eval reports them), on the
+        first `limit` documents of each task (all when None; a fraction when < 1)."""
         from lm_eval.evaluator import evaluate
 
         with quiet():
@@ -128,8 +373,57 @@ class LiveEvaluator:
                 bootstrap_iters=0,  # no stderr bootstrap: seconds per call on a CPU, and unused here
                 log_samples=False,
                 verbosity="ERROR",
+                confirm_run_unsafe_code=self.suite.allow_code_execution,
             )
         return {task: metric_values(values) for task, values in results["results"].items()}
+
+    def evaluate_documents(self, documents: Mapping[str, Sequence[int]]) -> dict[str, dict[int, dict[str, Any]]]:
+        """Run exactly the given documents (leaf task → document ids); per task, per document, its metric values
+        keyed `"<metric>,<filter>"`, as lm-eval's `process_results` produced them (a number for mean-aggregated
+        metrics, an item such as a (reference, prediction) pair for corpus-level ones)."""
+        from lm_eval.evaluator import evaluate
+
+        selected = {task: _DocumentIds(ids) for task, ids in documents.items() if len(ids)}
+        if not selected:
+            return {}
+        tasks = self.suite.leaf_tasks
+        with quiet():
+            results = evaluate(
+                lm=self.lm,
+                # Only the tasks with documents to run: lm-eval runs a task absent from `samples` in full.
+                task_dict={"tasks": {task: tasks[task] for task in selected}},
+                samples=dict(selected),
+                bootstrap_iters=0,
+                log_samples=True,  # the per-document values live only in the logged samples
+                verbosity="ERROR",
+                confirm_run_unsafe_code=self.suite.allow_code_execution,
+            )
+        per_document: dict[str, dict[int, dict[str, Any]]] = {task: {} for task in selected}
+        for task, entries in results["samples"].items():
+            for entry in entries:
+                values = per_document[task].setdefault(int(entry["doc_id"]), {})
+                for metric in entry["metrics"]:
+                    values[f"{metric},{entry['filter']}"] = entry[metric]
+        for task, ids in selected.items():
+            absent = sorted(set(ids) - set(per_document[task]))
+            if absent:
+                raise RuntimeError(f"lm-eval returned no results for documents {absent[:10]} of task {task!r}")
+        return per_document
+
+
+def _memoised_encoder(encode, max_entries: int = 1 << 16):
+    """Tokenise each prompt string once per process: every trial sends the same prompts (only the weights change),
+    and tokenising them again is, on small models, a large share of the time outside the forward passes."""
+    cached = functools.lru_cache(maxsize=max_entries)(
+        lambda string, add_special_tokens, left_truncate_len: tuple(
+            encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len)))
+
+    def tok_encode(string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        if kwargs or not isinstance(string, str):
+            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
+        return list(cached(string, add_special_tokens, left_truncate_len))  # a fresh list: callers may modify it
+
+    return tok_encode
 
 
 def metric_values(values: dict) -> dict[str, float]:
@@ -141,10 +435,11 @@ def metric_values(values: dict) -> dict[str, float]:
 
 
 def evaluate_checkpoint(path, tasks: list[str], limit=None, batch_size: int = 64, device: str = "cpu",
-                        include_paths: list[Path] | None = None, dtype: str = "float32") -> dict[str, dict[str, float]]:
-    suite = TaskSuite(tasks, include_paths if include_paths is not None else default_include_paths())
-    model, tokenizer = load_checkpoint(path, dtype=dtype, device=device)
-    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size, device=device).evaluate(limit=limit)
+                        include_paths: list[Path] | None = None, dtype: str = "float32",
+                        allow_code_execution: bool = False) -> dict[str, dict[str, float]]:
+    suite = TaskSuite(tasks, include_paths, allow_code_execution=allow_code_execution)
+    model, tokenizer = load_checkpoint(path, dtype=dtype, device=resolve_device(device))
+    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size).evaluate(limit=limit)
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], columns: list[str]) -> str:

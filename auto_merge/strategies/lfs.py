@@ -95,8 +95,7 @@ class LFSStrategy:
     filters: tuple[str, ...] = ()
     method_ranges: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
     dtype: str = "float32"
-
-    name = "lfs"
+    name: str = "lfs"  # or "lfs_multiobj": the same space, one objective per task
 
     def __post_init__(self) -> None:
         if self.layer_granularity < 1 or self.num_layers % self.layer_granularity:
@@ -280,6 +279,7 @@ class LFSStrategy:
             filters=tuple(data.get("filters", ())),
             method_ranges=data.get("merging_method", {}),
             dtype=data.get("dtype", "float32"),
+            name=data.get("strategy", "lfs"),
         )
 
 

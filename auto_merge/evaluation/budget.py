@@ -1,0 +1,104 @@
+"""Which documents a budget selects: nested, seeded subsets whose size scales with each task's size.
+
+**Order.** Each task's documents (for a group or tag: the pooled documents of all its subtasks, as (subtask,
+document id) pairs) are shuffled once with a seed derived from the run's seed and the task's name (SHA-256, so the
+order is the same in every process and after a restart). A budget selects a prefix of that order, so the documents
+of a smaller budget are always among those of a larger one, for every task, whatever the order of its data file.
+
+**Size.** A budget is expressed against a *reference size* R (by default the size of the largest task; a search
+driver passes its `max_budget` so that the largest budget is a full run of every task):
+
+    fraction(b) = min(b / R, 1)                      for budget_unit "examples" (b = examples of the reference task)
+    fraction(b) = b, with 0 < b <= 1                 for budget_unit "fraction"
+    examples(task) = min(size, max(ceil(fraction(b) * size), min(size, min_examples)))
+
+So every task runs the same share of its documents: at b = R/3 a 2,000-document task runs 667 and a 90-document one
+30, and both are complete only at b = R. `min_examples` (default 10) keeps tiny budgets from scoring a small task on
+one or two documents. `examples` never decreases when b grows, so the selections are nested.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+DEFAULT_MIN_EXAMPLES = 10
+BudgetUnit = Literal["examples", "fraction"]
+# Budgets come from SMAC as floats (e.g. 111.11...); a product that lands a hair above an integer must not round up.
+_CEIL_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True, order=True)
+class DocumentRef:
+    """One document: the lm-eval (leaf) task it belongs to and its index in that task's evaluation split."""
+
+    task: str
+    doc_id: int
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """Maps a budget to a number of documents per task (see the module docstring)."""
+
+    reference_size: float  # examples of the reference task (a search's max_budget, or the largest task's size)
+    unit: BudgetUnit = "examples"
+    min_examples: int = DEFAULT_MIN_EXAMPLES
+
+    def __post_init__(self):
+        if not self.reference_size > 0 or math.isinf(self.reference_size):
+            raise ValueError(f"reference_size must be a positive finite number, got {self.reference_size}")
+        if self.unit not in ("examples", "fraction"):
+            raise ValueError(f"budget unit must be 'examples' or 'fraction', got {self.unit!r}")
+        if self.min_examples < 0:
+            raise ValueError(f"min_examples must be >= 0, got {self.min_examples}")
+
+    def fraction(self, budget: float) -> float:
+        if not budget > 0 or math.isinf(budget):
+            raise ValueError(f"a budget must be a positive finite number, got {budget!r}")
+        if self.unit == "fraction":
+            if budget > 1:
+                raise ValueError(f"a fractional budget must be in (0, 1], got {budget!r}")
+            return float(budget)
+        return min(float(budget) / self.reference_size, 1.0)
+
+    def examples(self, task_size: int, budget: float) -> int:
+        """Documents of a task of `task_size` documents that `budget` selects."""
+        wanted = math.ceil(self.fraction(budget) * task_size - _CEIL_TOLERANCE)
+        return min(task_size, max(wanted, min(task_size, self.min_examples)))
+
+
+def shuffle_seed(seed: int, task: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{task}".encode()).digest()[:8], "big")
+
+
+def seeded_order(task: str, documents: Sequence[DocumentRef], seed: int) -> list[DocumentRef]:
+    """The task's documents in the run's fixed order: a seeded shuffle of them in their canonical (sorted) order."""
+    order = sorted(documents)
+    random.Random(shuffle_seed(seed, task)).shuffle(order)
+    return order
+
+
+class NestedSubsets:
+    """Per configured task, its documents in a fixed seeded order; a budget selects a prefix of each."""
+
+    def __init__(self, documents: Mapping[str, Sequence[DocumentRef]], seed: int, rule: BudgetRule):
+        empty = [task for task, docs in documents.items() if not docs]
+        if empty:
+            raise ValueError(f"task(s) without documents to evaluate: {', '.join(empty)}")
+        self.rule = rule
+        self.seed = seed
+        self.order = {task: seeded_order(task, docs, seed) for task, docs in documents.items()}
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {task: len(order) for task, order in self.order.items()}
+
+    def examples(self, budget: float) -> dict[str, int]:
+        return {task: self.rule.examples(len(order), budget) for task, order in self.order.items()}
+
+    def select(self, budget: float) -> dict[str, list[DocumentRef]]:
+        return {task: self.order[task][:count] for task, count in self.examples(budget).items()}

@@ -1,0 +1,222 @@
+"""The search driver: SMAC over a strategy's space, trials on dask workers, a run folder that survives crashes.
+
+`run_search(config_path)`:
+1. validates the config and resolves its models (nothing is loaded before the config is known to be good);
+2. builds the strategy (space + decoder) and the run folder `<output_path>/<run_name>`; a run folder holding a
+   different config is refused unless `overwrite` (which replaces it) — rerunning the same config resumes;
+3. runs SMAC: multi-fidelity Hyperband (the default), plain BO at max_budget, or random search; multi-objective
+   (`lfs_multiobj`: one cost per task) uses ParEGO with incumbent selection at the highest budget (SMAC #1050);
+4. records every trial as one JSON line in `trials.jsonl` as soon as SMAC is told its result;
+5. exports the best configuration (or the Pareto front) as self-describing JSON, scores it and every expert alone at
+   the full budget, writes the winning merged checkpoint, and draws the plots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from auto_merge.search.trial import TrialSpec, TrialTarget
+
+SMAC_NAME = "smac"
+RUN_MANIFEST = "run.json"
+TRIALS_LOG = "trials.jsonl"
+CRASH_COST = 1.0  # every task cost is in [0, 1] (1 - score), so a failed trial counts as the worst possible
+
+
+class SearchError(RuntimeError):
+    """A problem with the run itself (not one trial): printed without a traceback by the CLI."""
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    best_configs: list[Path]
+    best_model: Path | None
+    final_scores: dict
+    plots: list[Path]
+
+
+def hyperband_round(min_budget: float, max_budget: float, eta: int) -> list[tuple[int, float]]:
+    """(trials, budget) of each stage of one full Hyperband round, as SMAC schedules them."""
+    s_max = int(math.floor(math.log(max_budget / min_budget) / math.log(eta) + 1e-9))
+    stages = []
+    for s in range(s_max, -1, -1):
+        n = int(math.ceil((s_max + 1) / (s + 1) * eta ** s))
+        for i in range(s + 1):
+            stages.append((int(n * eta ** (-i)), max_budget * eta ** (i - s)))
+    return stages
+
+
+def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: float, eta: int,
+                            optimizer: str) -> int:
+    """`n_trials: 0` means: as many trials as `total_budget` examples pay for."""
+    if optimizer != "hyperband":
+        return max(1, int(total_budget // max_budget))
+    stages = hyperband_round(min_budget, max_budget, eta)
+    trials = sum(n for n, _ in stages)
+    cost = sum(n * b for n, b in stages)
+    return max(1, int(total_budget / cost * trials))
+
+
+def run_fingerprint(config, strategy) -> str:
+    """What must match for a rerun to resume rather than start over: the space, the objective and the schedule."""
+    block = config.selected
+    search = block.model_dump(exclude={"n_workers", "dask_scheduler", "run_name"})
+    evaluation = config.global_params.evaluation.model_dump(exclude={"batch_size", "device"})
+    payload = {
+        "strategy": strategy.describe(),
+        "search": search,
+        "evaluation": evaluation,
+        "seed": config.global_params.random_seed,
+        "zoo_seed": config.global_params.zoo_seed,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prepare_run_dir(config, strategy, *, overwrite: bool, run_name: str | None) -> tuple[Path, str, bool]:
+    """The run folder, the run's fingerprint, and whether an earlier run is resumed."""
+    block = config.selected
+    root = Path(config.global_params.output_path or "runs")
+    run_dir = root / (run_name or block.run_name or config.strategy)
+    fingerprint = run_fingerprint(config, strategy)
+    manifest = run_dir / RUN_MANIFEST
+    if run_dir.exists() and any(run_dir.iterdir()):
+        previous = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
+        if previous == fingerprint and not overwrite:
+            return run_dir, fingerprint, True
+        if not overwrite:
+            why = "holds a run of a different config" if previous else "is not an auto-merge run folder"
+            raise SearchError(
+                f"{run_dir} {why}; rerun with --overwrite to replace it, or give a new --run-name "
+                f"(or global_params.output_path / run_name in the config)")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(manifest, {
+        "fingerprint": fingerprint,
+        "config_file": str(config.source_file),
+        "strategy": strategy.describe(),
+        "models": {ref: str(path) for ref, path in config.model_paths.items()},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    })
+    return run_dir, fingerprint, False
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, dask_client, callbacks):
+    from smac import HyperparameterOptimizationFacade, MultiFidelityFacade, RandomFacade, Scenario
+    from smac.multi_objective.parego import ParEGO
+
+    block = config.selected
+    objectives = list(spec.objectives)
+    scenario_kwargs = dict(
+        configspace=space, name=SMAC_NAME, output_directory=run_dir, deterministic=True, n_trials=n_trials,
+        seed=config.global_params.random_seed, crash_cost=[CRASH_COST] * len(objectives) if objectives else CRASH_COST,
+        trial_walltime_limit=block.trial_walltime_limit,
+    )
+    if objectives:
+        scenario_kwargs["objectives"] = objectives
+    if block.optimizer == "hyperband":
+        scenario_kwargs.update(min_budget=block.min_budget, max_budget=block.max_budget)
+    scenario = Scenario(**scenario_kwargs)
+    target = TrialTarget(spec)
+    common = dict(overwrite=False, logging_level=40, callbacks=callbacks, dask_client=dask_client)
+    if objectives:
+        common["multi_objective_algorithm"] = ParEGO(scenario)
+    if block.optimizer == "hyperband":
+        facade = MultiFidelityFacade
+        intensifier = facade.get_intensifier(
+            scenario, eta=block.eta,
+            # Multi-objective with budgets fails an assertion with the default selection (SMAC issue #1050).
+            incumbent_selection="highest_budget" if objectives else "highest_observed_budget")
+    elif block.optimizer == "bo":
+        facade = HyperparameterOptimizationFacade
+        intensifier = facade.get_intensifier(scenario, max_config_calls=1)
+    else:
+        facade = RandomFacade
+        intensifier = facade.get_intensifier(scenario, max_config_calls=1)
+    # SMAC refuses an initial design larger than n_trials: keep the strategy's designs in order (experts first).
+    designs = strategy.initial_configurations(space)[: max(0, n_trials - block.random_init_points)]
+    initial_design = facade.get_initial_design(scenario, n_configs=block.random_init_points,
+                                               additional_configs=designs, max_ratio=1.0)
+    return facade(scenario, target, intensifier=intensifier, initial_design=initial_design, **common)
+
+
+def _dask_client(block, progress):
+    if block.dask_scheduler:
+        from dask.distributed import Client
+
+        progress.write(f"connecting to the dask scheduler at {block.dask_scheduler}")
+        return Client(block.dask_scheduler), None
+    if block.n_workers > 1:
+        from dask.distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=block.n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), cluster
+    return None, None
+
+
+def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: str | None = None,
+               show_progress: bool = True, write_model: bool = True) -> SearchResult:
+    from auto_merge.config import load_experiment
+    from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run
+    from auto_merge.search.trial import spec_cache_path
+    from auto_merge.strategies import build_strategy
+
+    config = load_experiment(config_path)  # raises ConfigError before any model is loaded
+    strategy = build_strategy(config)
+    block = config.selected
+    run_dir, fingerprint, resumed = prepare_run_dir(config, strategy, overwrite=overwrite, run_name=run_name)
+    space = strategy.build_space(seed=config.global_params.random_seed)
+    objectives = tuple(t.task for t in config.global_params.evaluation.tasks) if config.strategy == "lfs_multiobj" \
+        else ()
+    workers = 1 if not block.dask_scheduler and block.n_workers <= 1 else block.n_workers
+    spec = TrialSpec(
+        run_id=fingerprint,
+        strategy=strategy.describe(),
+        model_paths={ref: str(path) for ref, path in config.model_paths.items()},
+        evaluation=config.global_params.evaluation,
+        config_dir=str(Path(config.source_file).parent),
+        cache_path=spec_cache_path(run_dir.resolve()),
+        seed=config.global_params.random_seed,
+        objectives=objectives,
+        torch_threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0,
+        device=config.global_params.evaluation.device,
+    )
+    n_trials = block.n_trials or trials_for_total_budget(block.total_budget, block.min_budget, block.max_budget,
+                                                         block.eta, block.optimizer)
+    progress = ProgressLine(n_trials, enabled=show_progress)
+    recorder = TrialRecorder(run_dir / TRIALS_LOG, progress, objectives=objectives)
+    if resumed:
+        progress.write(f"resuming {run_dir} ({recorder.completed} trials already recorded)")
+    else:
+        progress.write(f"run folder: {run_dir}")
+    client, cluster = _dask_client(block, progress)
+    try:
+        smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
+        smac.optimize()
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "
+              "resume", file=sys.stderr)
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    progress.close()
+    return finish_run(smac, config, strategy, spec, run_dir, objectives, write_model=write_model)

@@ -1,0 +1,245 @@
+"""What a search leaves behind: the trial log, progress, found configurations, final scores, the model, plots.
+
+Run folder layout:
+    run.json                 the run's fingerprint, config file, strategy and model paths
+    trials.jsonl             one line per finished trial (appended and flushed as SMAC is told each result)
+    smac/                    SMAC's own state (runhistory, intensifier...), used to resume
+    eval_cache.sqlite        per-example evaluation results (reused on promotion and on resume)
+    search_config/           best.json (single objective) or front_*.json (multi-objective): self-describing
+    final_scores.json        full-budget scores of the winner(s), the base and each expert alone
+    best_model/              the winning merge as a Hugging Face checkpoint with its model card
+    plots/                   progress.png, winner_groups.png, front.png (multi-objective)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from smac.callback import Callback
+
+from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
+
+SEARCH_CONFIG_FORMAT = "auto-merge/search-config/1"
+
+
+class ProgressLine:
+    """One live line: trials done, the current budget, the best score so far and an ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="search", unit="trial", disable=not enabled, dynamic_ncols=True,
+                        file=sys.stderr)
+
+    def update(self, done: int, budget, best: float | None) -> None:
+        self.bar.n = min(done, self.bar.total)
+        budget_text = "full" if budget is None else f"{budget:g}"
+        self.bar.set_postfix_str(f"budget {budget_text}, best {best:.3f}" if best is not None else
+                                 f"budget {budget_text}")
+        self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class TrialRecorder(Callback):
+    """Appends every told trial to trials.jsonl (flushed and fsynced: a crash loses no finished trial)."""
+
+    def __init__(self, path: Path, progress: ProgressLine, objectives: tuple[str, ...] = ()):
+        super().__init__()
+        self.path = path
+        self.progress = progress
+        self.objectives = objectives
+        self.records = read_trials(path)
+        self.best = max((r["score"] for r in self.records if r.get("score") is not None), default=None)
+        self.progress.update(len(self.records), None, self.best)
+
+    @property
+    def completed(self) -> int:
+        return len(self.records)
+
+    def on_tell_end(self, smbo, info, value) -> bool | None:
+        extra = dict(value.additional_info or {})
+        scores = extra.get(SCORES_KEY)
+        status = value.status.name.lower()
+        record = {
+            "trial": len(self.records),
+            "configuration": {k: _plain(v) for k, v in dict(info.config).items()},
+            "config_origin": getattr(info.config, "origin", None),
+            "budget": info.budget,
+            "seed": info.seed,
+            "status": status,
+            "cost": value.cost,
+            "scores": scores,
+            # The aggregate score the search maximises (single objective), or the mean (multi-objective).
+            "score": (1.0 - extra["cost"]) if scores is not None and "cost" in extra else None,
+            RECIPE_KEY: extra.get(RECIPE_KEY),
+            "fingerprint": extra.get("fingerprint"),
+            "examples": extra.get("examples"),
+            "evaluated_examples": extra.get("evaluated_examples"),
+            "cached_examples": extra.get("cached_examples"),
+            "merge_seconds": extra.get("merge_seconds"),
+            "eval_seconds": extra.get("eval_seconds"),
+            "seconds": value.time,
+            "worker_pid": extra.get("worker_pid"),
+            "error": extra.get("error"),
+            "traceback": extra.get("traceback"),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+        if record["score"] is not None and (self.best is None or record["score"] > self.best):
+            self.best = record["score"]
+        if status != "success":
+            self.progress.write(f"trial {record['trial']} {status}: {record['error'] or 'no result'}")
+        self.progress.update(len(self.records), info.budget, self.best)
+        return None
+
+
+def read_trials(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            records.append(json.loads(line))
+    return records
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def evaluation_record(settings, config_dir: str | Path) -> dict:
+    """The evaluation settings, with include paths made absolute so the record is usable from anywhere."""
+    record = settings.model_dump()
+    record["include_paths_resolved"] = [str((Path(config_dir) / p).resolve()) for p in settings.include_paths]
+    return record
+
+
+def search_config_payload(strategy, configuration: dict, scores: dict | None, *, spec, run_dir: Path,
+                          kind: str) -> dict:
+    """A found configuration that replays without the original YAML: strategy, models, space, scores, tasks."""
+    return {
+        "format": SEARCH_CONFIG_FORMAT,
+        "kind": kind,
+        "strategy": strategy.describe(),
+        "configuration": configuration,
+        "scores": scores,
+        "budget": None,  # scores are at the full budget
+        "seed": spec.seed,
+        "model_paths": spec.model_paths,
+        "evaluation": evaluation_record(spec.evaluation, spec.config_dir),
+        "run": str(run_dir),
+    }
+
+
+def _config_key(configuration: dict) -> str:
+    return json.dumps(configuration, sort_keys=True)
+
+
+def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[str, ...], *, write_model: bool):
+    """Export the winner(s), score them and the experts at the full budget, write the model and the plots."""
+    from auto_merge.search.driver import SearchError, SearchResult, write_json_atomic
+    from auto_merge.search.trial import runner_for
+
+    records = [r for r in read_trials(run_dir / "trials.jsonl") if r["status"] == "success"]
+    if not records:
+        raise SearchError(f"no trial succeeded; see the errors in {run_dir / 'trials.jsonl'}")
+    if objectives:
+        incumbents = smac.intensifier.get_incumbents()
+        winners = [{k: _plain(v) for k, v in dict(c).items()} for c in incumbents]
+    else:
+        incumbent = smac.intensifier.get_incumbent()
+        winners = [{k: _plain(v) for k, v in dict(incumbent).items()}] if incumbent is not None else []
+    if not winners:  # e.g. nothing reached a budget SMAC considers for incumbents
+        best = max(records, key=lambda r: (r["budget"] or 0, r["score"]))
+        winners = [best["configuration"]]
+
+    runner = runner_for(spec)
+    final = {"winners": [], "experts": {}, "base": None}
+    for configuration in winners:
+        recipe = strategy.decode(configuration)
+        final["winners"].append({"configuration": configuration, **_final_scores(runner.score_recipe(recipe, None))})
+    for expert in strategy.models:
+        alone = {"base_model": strategy.base_model, "merge_method": "linear",
+                 "models": [{"model": expert, "parameters": {"weight": 1.0}}]}
+        final["experts"][expert] = _final_scores(runner.score_recipe(alone, None))
+    base_alone = {"base_model": strategy.base_model, "merge_method": "linear",
+                  "models": [{"model": strategy.base_model, "parameters": {"weight": 1.0}}]}
+    final["base"] = _final_scores(runner.score_recipe(base_alone, None))
+    write_json_atomic(run_dir / "final_scores.json", final)
+
+    export_dir = run_dir / "search_config"
+    export_dir.mkdir(exist_ok=True)
+    exported = []
+    for index, winner in enumerate(final["winners"]):
+        name = "best.json" if not objectives else f"front_{index}.json"
+        payload = search_config_payload(strategy, winner["configuration"], winner["scores"], spec=spec,
+                                        run_dir=run_dir, kind="pareto_front_member" if objectives else "best")
+        write_json_atomic(export_dir / name, payload)
+        exported.append(export_dir / name)
+
+    best_model = None
+    chosen = max(final["winners"], key=lambda w: w["mean_score"])
+    if write_model:
+        best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec)
+    from auto_merge.search.plots import draw_plots
+
+    plots = draw_plots(run_dir, records, chosen["recipe"], strategy, final, objectives)
+    print(render_final(final, strategy, run_dir, best_model, plots))
+    return SearchResult(run_dir=run_dir, best_configs=exported, best_model=best_model, final_scores=final,
+                        plots=plots)
+
+
+def _final_scores(info: dict) -> dict:
+    return {"scores": info[SCORES_KEY], "mean_score": statistics.fmean(info[SCORES_KEY].values()),
+            "recipe": info[RECIPE_KEY]}
+
+
+def write_winner_model(recipe: dict, out_dir: Path, spec) -> Path:
+    """The winner as a checkpoint, through the same engine `auto-merge merge` uses (replaced when the run is)."""
+    from auto_merge.merge.engine import run_recipe
+    from auto_merge.merge.plan import ModelCatalog, SourceModel
+    from auto_merge.merge.recipe import parse_recipe
+
+    catalog = ModelCatalog()
+    for ref, path in spec.model_paths.items():
+        catalog.add(SourceModel.from_folder(ref, path))
+    run_recipe(parse_recipe(recipe), out_dir, seed=spec.seed, overwrite=True, catalog=catalog)
+    return out_dir
+
+
+def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
+    tasks = list(final["base"]["scores"])
+    rows = [("base", final["base"])] + [(f"expert {m}", s) for m, s in final["experts"].items()]
+    rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = ["", "full-budget scores:", "model".ljust(width) + "".join(t.rjust(12) for t in tasks) + "mean".rjust(10)]
+    for label, entry in rows:
+        lines.append(label.ljust(width) + "".join(f"{entry['scores'][t]:12.3f}" for t in tasks)
+                     + f"{entry['mean_score']:10.3f}")
+    best_expert = max(s["mean_score"] for s in final["experts"].values())
+    best_winner = max(w["mean_score"] for w in final["winners"])
+    lines.append(f"\nbest merge vs best expert: {100 * (best_winner - best_expert):+.1f} points of mean score")
+    lines.append(f"run folder: {run_dir}")
+    lines.append(f"found configuration(s): {run_dir / 'search_config'}")
+    if best_model is not None:
+        lines.append(f"best model: {best_model}")
+    if plots:
+        lines.append(f"plots: {', '.join(str(p) for p in plots)}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Plots of a finished search (PNG, drawn without a display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def draw_plots(run_dir: Path, records: list[dict], recipe: dict, strategy, final: dict,
+               objectives: tuple[str, ...]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    folder = run_dir / "plots"
+    folder.mkdir(exist_ok=True)
+    paths = [progress_plot(folder / "progress.png", records, final),
+             recipe_plot(folder / "winner_groups.png", recipe, strategy)]
+    if objectives:
+        paths.append(front_plot(folder / "front.png", records, final, objectives))
+    return paths
+
+
+def progress_plot(path: Path, records: list[dict], final: dict) -> Path:
+    """Best score so far against evaluation examples spent (the search's cost), per budget level."""
+    import matplotlib.pyplot as plt
+
+    spent, best, points = 0, None, []
+    for record in sorted(records, key=lambda r: r["trial"]):
+        spent += sum((record.get("examples") or {}).values())
+        if record["score"] is not None and (best is None or record["score"] > best):
+            best = record["score"]
+        points.append((spent, best, record["score"], record["budget"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step([p[0] for p in points], [p[1] for p in points], where="post", label="best so far (at its budget)")
+    ax.scatter([p[0] for p in points], [p[2] for p in points], s=10, alpha=0.5, c="gray", label="trials")
+    best_expert = max(s["mean_score"] for s in final["experts"].values())
+    ax.axhline(best_expert, color="tab:red", linestyle="--", label=f"best expert (full) {best_expert:.3f}")
+    ax.set_xlabel("evaluation examples spent")
+    ax.set_ylabel("mean score")
+    ax.set_title("search progress")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def recipe_plot(path: Path, recipe: dict, strategy) -> Path:
+    """Per layer group: the method, and each expert's weight per parameter family (the winning recipe at a glance)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    slices = recipe.get("slices") or []
+    families = list(strategy.families)
+    models = list(strategy.models)
+    grid = np.full((len(models) * len(families), len(slices)), np.nan)
+    for g, slice_ in enumerate(slices):
+        for source in slice_["sources"]:
+            if source["model"] not in models:
+                continue
+            row0 = models.index(source["model"]) * len(families)
+            weight = (source.get("parameters") or {}).get("weight", 1.0)
+            for f, family in enumerate(families):
+                grid[row0 + f, g] = _family_value(weight, family)
+        if slice_.get("merge_method") == "slerp":  # t is the share of the second model of the pair
+            t = slice_["parameters"]["t"]
+            first = models.index(slice_["base_model"])
+            for f, family in enumerate(families):
+                grid[first * len(families) + f, g] = 1.0 - _family_value(t, family)
+                second = models.index(slice_["sources"][0]["model"])
+                grid[second * len(families) + f, g] = _family_value(t, family)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(slices), 1.0 + 0.35 * grid.shape[0]))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(slices)), [f"g{g}\n{s.get('merge_method')}" for g, s in enumerate(slices)], fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), [f"{m} · {f}" for m in models for f in families], fontsize=7)
+    for (row, col), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white")
+    fig.colorbar(image, ax=ax, label="weight (slerp: share)")
+    ax.set_title("winning recipe per layer group")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _family_value(setting, family: str) -> float:
+    """The value a parameter setting gives one family (filtered entries, the unfiltered one for `rest`)."""
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    fallback = None
+    for entry in setting:
+        if entry.get("filter") == family:
+            return float(entry["value"])
+        if entry.get("filter") is None:
+            fallback = float(entry["value"])
+    return fallback if fallback is not None else float("nan")
+
+
+def front_plot(path: Path, records: list[dict], final: dict, objectives: tuple[str, ...]) -> Path:
+    """All evaluated points and the Pareto front, on the first two objectives' scores."""
+    import matplotlib.pyplot as plt
+
+    x_task, y_task = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    seen = [(r["scores"][x_task], r["scores"][y_task]) for r in records if r.get("scores")]
+    ax.scatter([p[0] for p in seen], [p[1] for p in seen], s=10, c="gray", alpha=0.5, label="evaluated (any budget)")
+    front = sorted((w["scores"][x_task], w["scores"][y_task]) for w in final["winners"])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:blue", label="Pareto front (full budget)")
+    for name, entry in final["experts"].items():
+        ax.scatter(entry["scores"][x_task], entry["scores"][y_task], marker="x", s=60, label=f"expert {name}")
+    ax.set_xlabel(x_task)
+    ax.set_ylabel(y_task)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,162 @@
+"""One trial of a search: configuration -> recipe (strategy) -> weights in a live model (engine) -> scores (evaluator).
+
+Everything a worker needs travels in a picklable :class:`TrialSpec`. Each process (the driver itself, or a dask
+worker) builds one :class:`TrialRunner` per spec and keeps it for every trial it runs: the source weights, the live
+model and the evaluator are loaded once per worker, never per trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Key fields of a trial record (trials.jsonl and SMAC's additional_info carry the same names).
+RECIPE_KEY, SCORES_KEY = "recipe", "scores"
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What a worker needs to run trials; plain data so that it pickles to dask workers."""
+
+    run_id: str  # identifies the run (config fingerprint); runners are cached per run_id
+    strategy: dict  # the strategy's description (`Strategy.describe()`)
+    model_paths: dict[str, str]  # model reference -> resolved local folder
+    evaluation: Any  # the config's EvaluationSettings (a pydantic model)
+    config_dir: str  # relative include paths are relative to the config file's folder
+    cache_path: str  # per-example results (shared by workers, kept across restarts)
+    seed: int
+    objectives: tuple[str, ...] = ()  # task names, one cost each (multi-objective); empty = one aggregate cost
+    torch_threads: int = 0  # 0: leave torch's default
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+
+def recipe_fingerprint(recipe: dict, seed: int) -> str:
+    """Identifies a candidate's weights: equal recipes (and seed, for random methods) give equal models."""
+    payload = json.dumps({"recipe": recipe, "seed": seed}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class NonFiniteWeightsError(ValueError):
+    pass
+
+
+class TrialRunner:
+    def __init__(self, spec: TrialSpec):
+        import torch
+
+        from auto_merge.evaluation.budgeted import BudgetedEvaluator
+        from auto_merge.evaluation.lm_eval_runner import load_checkpoint
+        from auto_merge.merge.live import LiveMerger
+        from auto_merge.merge.plan import ModelCatalog, SourceModel
+        from auto_merge.strategies import strategy_from_description
+
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
+        self.spec = spec
+        self.strategy = strategy_from_description(spec.strategy)
+        base_ref = spec.strategy["base_model"]
+        dtype = spec.evaluation.torch_dtype if spec.evaluation.torch_dtype != "auto" else "float32"
+        self.model, self.tokenizer = load_checkpoint(spec.model_paths[base_ref], dtype=dtype, device=spec.device)
+        catalog = ModelCatalog()
+        for ref, path in spec.model_paths.items():
+            catalog.add(SourceModel.from_folder(ref, path))
+        self.merger = LiveMerger(self.model, catalog, device=spec.device)
+        self.evaluator = BudgetedEvaluator(
+            spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,
+            config_dir=spec.config_dir, allow_code_execution=spec.evaluation.allow_code_execution,
+            budget_unit=spec.evaluation.budget_unit, min_examples=spec.evaluation.min_examples_per_task,
+        )
+
+    def run(self, values: dict, budget: float | None) -> tuple[float | dict[str, float], dict]:
+        """One SMAC trial: the configuration's recipe, scored at `budget`."""
+        info = self.score_recipe(self.strategy.decode(values), budget)
+        if self.spec.objectives:
+            return {task: info["costs"][task] for task in self.spec.objectives}, info
+        return info["cost"], info
+
+    def score_recipe(self, recipe: dict, budget: float | None) -> dict:
+        """Materialise `recipe` into the live model and score it (budget None: every example)."""
+        fingerprint = recipe_fingerprint(recipe, self.spec.seed)
+        started = time.perf_counter()
+        self.merger.apply(recipe, seed=self.spec.seed)
+        check_finite(self.model)
+        merged = time.perf_counter()
+        scores = self.evaluator.evaluate(fingerprint, budget)
+        finished = time.perf_counter()
+        return {
+            "fingerprint": fingerprint,
+            RECIPE_KEY: recipe,
+            SCORES_KEY: dict(scores.scores),
+            "costs": dict(scores.costs),
+            "cost": scores.cost,
+            "examples": dict(scores.examples),
+            "evaluated_examples": scores.evaluated,
+            "cached_examples": scores.cached,
+            "merge_seconds": round(merged - started, 4),
+            "eval_seconds": round(finished - merged, 4),
+            "forward_seconds": round(scores.forward_seconds, 4),
+            "worker_pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        self.evaluator.close()
+
+
+def check_finite(model) -> None:
+    """A merge that produced NaN or inf weights is a failed trial, not a score."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteWeightsError(f"merged weights are not finite in {len(bad)} tensor(s), e.g. {bad[:3]}")
+
+
+_RUNNERS: dict[str, TrialRunner] = {}
+
+
+def runner_for(spec: TrialSpec) -> TrialRunner:
+    """This process's runner for `spec`, built on first use (once per dask worker)."""
+    runner = _RUNNERS.get(spec.run_id)
+    if runner is None:
+        for stale in list(_RUNNERS):  # one run per process: release a previous run's models
+            _RUNNERS.pop(stale).close()
+        runner = _RUNNERS[spec.run_id] = TrialRunner(spec)
+    return runner
+
+
+class TrialTarget:
+    """SMAC's target function: picklable (it travels to dask workers) and identical across processes.
+
+    SMAC stores its target's bytecode (and, for a functools.partial, the repr of the wrapped function, which holds a
+    memory address) in the run's metadata and refuses to resume when that metadata differs: so a plain object whose
+    `__code__` is its own `__call__`'s, and no partial.
+    """
+
+    def __init__(self, spec: TrialSpec):
+        self.spec = spec
+
+    def __call__(self, config, seed: int = 0, budget: float | None = None):
+        values = {key: _plain(value) for key, value in dict(config).items()}
+        return runner_for(self.spec).run(values, budget)
+
+    __code__ = __call__.__code__
+
+
+def _plain(value):
+    """ConfigSpace gives numpy scalars; recipes and JSON want plain Python values."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isfinite(value):
+        return float(value)
+    return value
+
+
+def spec_cache_path(run_dir: Path) -> str:
+    return str(run_dir / "eval_cache.sqlite")

@@ -1,0 +1,181 @@
+"""The search driver end to end on the demo zoo: outputs, replay, resume after a kill, failed trials, dask, MO front."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from auto_merge.search.driver import SearchError, hyperband_round, run_search, trials_for_total_budget
+from auto_merge.search.outputs import read_trials
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_workers: int = 1,
+                 merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml") -> Path:
+    block = {
+        "base_model": "zoo:base",
+        "models": ["zoo:num", "zoo:rev", "zoo:col"],
+        "layer_granularity": 4,
+        "filters": ["mlp"],
+        "merging_method": merging_method or {
+            "task_arithmetic": {"scaling_coefficient": {"min": 0.3, "max": 1.2}},
+            "linear": {"weights": {"min": 0.0, "max": 1.0}},
+        },
+        "min_budget": 10, "max_budget": 30, "eta": 3,
+        "n_trials": n_trials, "n_workers": n_workers, "optimizer": optimizer,
+    }
+    config = {
+        "strategy": strategy,
+        "global_params": {
+            "random_seed": 0,
+            "output_path": str(folder / "runs"),
+            "evaluation": {
+                "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
+                "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_rev", "zoo_col")],
+            },
+        },
+        "strategies": {strategy: block},
+    }
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_hyperband_round_matches_smacs_brackets():
+    # min 100, max 1000, eta 3 (the reference's schedule): 9@111, 3@333, 1@1000 | 5@333, 1@1000 | 3@1000.
+    stages = [(n, round(b, 1)) for n, b in hyperband_round(100, 1000, 3)]
+    assert stages == [(9, 111.1), (3, 333.3), (1, 1000.0), (5, 333.3), (1, 1000.0), (3, 1000.0)]
+    assert trials_for_total_budget(8667, 100, 1000, 3, "hyperband") == 22
+
+
+def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = write_config(tmp_path, n_trials=8)
+    result = run_search(config, show_progress=False)
+    run_dir = result.run_dir
+    trials = read_trials(run_dir / "trials.jsonl")
+    assert len(trials) == 8
+    assert {t["budget"] for t in trials} >= {10.0, 30.0}
+    for trial in trials:
+        assert trial["status"] == "success" and set(trial["scores"]) == {"zoo_num", "zoo_rev", "zoo_col"}
+        assert trial["recipe"]["slices"] and trial["merge_seconds"] is not None
+    # Promotion reuses the examples already scored at the lower budget.
+    assert any(t["cached_examples"] for t in trials if t["budget"] == 30.0)
+    # The initial design's experts come first: the first one is expert num alone, at the smallest budget.
+    assert trials[0]["configuration"]["g0:method"] == "linear"
+
+    best = json.loads((run_dir / "search_config" / "best.json").read_text())
+    assert best["format"] == "auto-merge/search-config/1" and best["strategy"]["models"][0] == "zoo:num"
+    final = json.loads((run_dir / "final_scores.json").read_text())
+    assert set(final["experts"]) == {"zoo:num", "zoo:rev", "zoo:col"}
+    assert final["experts"]["zoo:rev"]["scores"]["zoo_rev"] == 1.0
+    for plot in result.plots:
+        assert plot.stat().st_size > 5000
+    model = AutoModelForCausalLM.from_pretrained(result.best_model)
+    assert model.config.num_hidden_layers == 8
+
+    # Replaying the exported configuration gives the same weights as the search's winning model.
+    import torch
+    from safetensors.torch import load_file
+
+    replay = subprocess.run([sys.executable, "-m", "auto_merge.cli", "replay", str(run_dir / "search_config" /
+                             "best.json"), str(tmp_path / "replayed"), "--eval"],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    replayed = load_file(tmp_path / "replayed" / "model.safetensors")
+    written = load_file(result.best_model / "model.safetensors")
+    assert replayed.keys() == written.keys()
+    assert all(torch.equal(replayed[k], written[k]) for k in written)
+    winner = final["winners"][0]["scores"]
+    for task, score in winner.items():
+        assert f"{task}: {score:.4f}" in replay.stdout
+
+
+def test_rerun_resumes_and_a_changed_config_is_refused(tmp_path):
+    config = write_config(tmp_path, n_trials=4)
+    run_search(config, show_progress=False, write_model=False)
+    first = read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl")
+    again = run_search(config, show_progress=False, write_model=False)  # finished: nothing re-run
+    assert read_trials(again.run_dir / "trials.jsonl") == first
+
+    changed = write_config(tmp_path, n_trials=5)
+    with pytest.raises(SearchError, match="different config.*--overwrite"):
+        run_search(changed, show_progress=False)
+    assert read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl") == first  # nothing lost
+
+
+def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
+    config = write_config(tmp_path, n_trials=9)
+    log = tmp_path / "runs" / "lfs" / "trials.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "auto_merge.cli", "search", "--config", str(config), "--no-model"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_trials(log)) < 3:
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = read_trials(log)
+    assert 3 <= len(done_before) < 9
+
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    trials = read_trials(log)
+    assert trials[: len(done_before)] == done_before
+    keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"]) for t in trials]
+    assert len(set(keys)) == len(keys), "a completed trial was run again"
+    assert len(trials) >= 9 - 1  # SMAC may drop the one trial that was running when the process was killed
+
+
+def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
+    # A linear merge whose weights are all zero cannot be normalised: every linear trial fails.
+    config = write_config(tmp_path, n_trials=6, merging_method={
+        "linear": {"weights": {"min": 0.0, "max": 0.0}},
+        "task_arithmetic": {"scaling_coefficient": {"min": 0.3, "max": 1.2}},
+    })
+    result = run_search(config, show_progress=False, write_model=False)
+    trials = read_trials(result.run_dir / "trials.jsonl")
+    failed = [t for t in trials if t["status"] != "success"]
+    assert failed and all("weight" in t["error"] for t in failed)
+    assert all(t["cost"] == 1.0 for t in failed)
+    assert any(t["status"] == "success" for t in trials)
+    assert result.final_scores["winners"][0]["recipe"]["slices"][0]["merge_method"] == "task_arithmetic"
+
+
+def test_two_dask_workers_share_the_trials(tmp_path):
+    config = write_config(tmp_path, n_trials=6, n_workers=2)
+    result = run_search(config, show_progress=False, write_model=False)
+    trials = read_trials(result.run_dir / "trials.jsonl")
+    assert len(trials) == 6 and all(t["status"] == "success" for t in trials)
+    workers = {t["worker_pid"] for t in trials}
+    assert len(workers) == 2 and os.getpid() not in workers
+
+
+def test_multi_objective_search_exports_a_pareto_front(tmp_path):
+    config = write_config(tmp_path, strategy="lfs_multiobj", n_trials=8)
+    result = run_search(config, show_progress=False, write_model=False)
+    front = sorted((result.run_dir / "search_config").glob("front_*.json"))
+    assert front and len(front) == len(result.final_scores["winners"])
+    trials = read_trials(result.run_dir / "trials.jsonl")
+    tasks = ("zoo_num", "zoo_rev", "zoo_col")
+    points = []
+    for path in front:  # each front member's scores at the highest budget, where SMAC compared them
+        configuration = json.loads(path.read_text())["configuration"]
+        at_top = [t for t in trials if t["configuration"] == configuration and t["budget"] == 30.0]
+        assert at_top, "a front member was not evaluated at max_budget"
+        points.append(at_top[-1]["scores"])
+    for a in points:
+        for b in points:
+            assert not (all(a[t] >= b[t] for t in tasks) and any(a[t] > b[t] for t in tasks)), (a, b)
+    assert (result.run_dir / "plots" / "front.png").stat().st_size > 5000
