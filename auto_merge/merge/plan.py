@@ -505,8 +505,8 @@ def _task(name: str, slice_: _Slice, inputs: tuple[TensorInput, ...], base: Tens
                 _set_if_found(given, origins, index, param.name, levels, name, position)
         per_model_given.append(tuple(sorted(given.items())))
     try:
-        global_params, per_model_params = _validated(slice_.method, tuple(sorted(global_given.items())),
-                                                     tuple(per_model_given))
+        global_params, per_model_params = _validated(slice_.method, _typed(tuple(sorted(global_given.items()))),
+                                                     tuple(_typed(items) for items in per_model_given))
     except ValueError as error:
         models = ", ".join(f"model {i} = {s.key} ({s.model})" for i, s in enumerate(slice_.inputs))
         fail(f"for tensor {name} ({models}): {error}", key=_error_key(str(error), origins, slice_))
@@ -542,10 +542,16 @@ def _set_if_found(target: dict, origins: dict, index: int | None, name: str,
                 return
 
 
+def _typed(items: tuple) -> tuple:
+    """(name, value) pairs keyed with the value's type too: True == 1 and hash alike, but only 1 is a number."""
+    return tuple((name, type(value), value) for name, value in items)
+
+
 @lru_cache(maxsize=4096)
 def _validated(method: str, global_given: tuple, per_model_given: tuple):
-    """validate_params for hashable inputs; resolved values (defaults filled) as sorted item tuples."""
-    resolved = validate_params(method, dict(global_given), [dict(items) for items in per_model_given])
+    """validate_params for hashable inputs (typed by `_typed`); resolved values as sorted item tuples."""
+    resolved = validate_params(method, {name: value for name, _, value in global_given},
+                               [{name: value for name, _, value in items} for items in per_model_given])
     return (tuple(sorted(resolved.global_params.items())),
             tuple(tuple(sorted(params.items())) for params in resolved.per_model_params))
 
