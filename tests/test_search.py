@@ -179,3 +179,15 @@ def test_multi_objective_search_exports_a_pareto_front(tmp_path):
         for b in points:
             assert not (all(a[t] >= b[t] for t in tasks) and any(a[t] > b[t] for t in tasks)), (a, b)
     assert (result.run_dir / "plots" / "front.png").stat().st_size > 5000
+
+
+def test_shortlist_ranks_each_configuration_by_its_highest_budget_score():
+    from auto_merge.search.outputs import shortlist
+
+    def record(name, budget, score):
+        return {"configuration": {"x": name}, "budget": budget, "score": score}
+
+    records = [record("a", 10, 0.9), record("a", 30, 0.5),  # a's promotion disappointed: 0.5 counts
+               record("b", 10, 0.7), record("c", 30, 0.6), record("d", 10, 0.2)]
+    assert shortlist(records, 2) == [{"x": "b"}, {"x": "c"}]
+    assert shortlist(records, 10) == [{"x": "b"}, {"x": "c"}, {"x": "a"}, {"x": "d"}]

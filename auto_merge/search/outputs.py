@@ -160,21 +160,33 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     records = [r for r in read_trials(run_dir / "trials.jsonl") if r["status"] == "success"]
     if not records:
         raise SearchError(f"no trial succeeded; see the errors in {run_dir / 'trials.jsonl'}")
-    if objectives:
-        incumbents = smac.intensifier.get_incumbents()
-        winners = [{k: _plain(v) for k, v in dict(c).items()} for c in incumbents]
-    else:
-        incumbent = smac.intensifier.get_incumbent()
-        winners = [{k: _plain(v) for k, v in dict(incumbent).items()}] if incumbent is not None else []
-    if not winners:  # e.g. nothing reached a budget SMAC considers for incumbents
-        best = max(records, key=lambda r: (r["budget"] or 0, r["score"]))
-        winners = [best["configuration"]]
-
     runner = runner_for(spec)
-    final = {"winners": [], "experts": {}, "base": None}
-    for configuration in winners:
-        recipe = strategy.decode(configuration)
-        final["winners"].append({"configuration": configuration, **_final_scores(runner.score_recipe(recipe, None))})
+    final = {"winners": [], "shortlist": [], "experts": {}, "base": None}
+    if objectives:
+        front = [{k: _plain(v) for k, v in dict(c).items()} for c in smac.intensifier.get_incumbents()]
+        for configuration in front or [max(records, key=lambda r: r["score"])["configuration"]]:
+            recipe = strategy.decode(configuration)
+            final["winners"].append({"configuration": configuration,
+                                     **_final_scores(runner.score_recipe(recipe, None))})
+    else:
+        # SMAC's incumbent is the best at the highest budget it reached, which few configurations get to in a short
+        # run; the shortlist adds the best-scoring configurations at any budget, and all of them are re-scored on
+        # every example: the winner is the best at the full budget.
+        incumbent = smac.intensifier.get_incumbent()
+        candidates = shortlist(records, SHORTLIST_SIZE)
+        if incumbent is not None:
+            candidates.insert(0, {k: _plain(v) for k, v in dict(incumbent).items()})
+        seen = set()
+        for configuration in candidates:
+            key = _config_key(configuration)
+            if key in seen:
+                continue
+            seen.add(key)
+            entry = {"configuration": configuration,
+                     **_final_scores(runner.score_recipe(strategy.decode(configuration), None))}
+            entry["smac_incumbent"] = incumbent is not None and key == _config_key(candidates[0])
+            final["shortlist"].append(entry)
+        final["winners"].append(max(final["shortlist"], key=lambda e: e["mean_score"]))
     for expert in strategy.models:
         alone = {"base_model": strategy.base_model, "merge_method": "linear",
                  "models": [{"model": expert, "parameters": {"weight": 1.0}}]}
@@ -204,6 +216,21 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     print(render_final(final, strategy, run_dir, best_model, plots))
     return SearchResult(run_dir=run_dir, best_configs=exported, best_model=best_model, final_scores=final,
                         plots=plots)
+
+
+SHORTLIST_SIZE = 4
+
+
+def shortlist(records: list[dict], size: int) -> list[dict]:
+    """The `size` configurations with the best score at the highest budget each was evaluated at."""
+    best: dict[str, tuple[float, float, dict]] = {}
+    for record in records:
+        key = _config_key(record["configuration"])
+        budget = record["budget"] if record["budget"] is not None else math.inf
+        if key not in best or budget >= best[key][0]:
+            best[key] = (budget, record["score"], record["configuration"])
+    ranked = sorted(best.values(), key=lambda item: item[1], reverse=True)
+    return [configuration for _, _, configuration in ranked[:size]]
 
 
 def _final_scores(info: dict) -> dict:

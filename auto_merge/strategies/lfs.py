@@ -165,17 +165,23 @@ class LFSStrategy:
         return space
 
     def initial_configurations(self, space) -> list:
-        """Each expert alone, then uniform merges: a plain average and uniform task arithmetic."""
+        """Each expert alone (linear one-hot, or task arithmetic one-hot when linear is not searched: weight 1 for
+        the expert, 0 for the others, clipped into the configured range), then uniform merges: a plain average and
+        uniform task arithmetic at weights 0.5 and 1.0."""
         from ConfigSpace import Configuration
 
+        n = len(self.models)
+        alone = "linear" if "linear" in self.methods else "task_arithmetic" if "task_arithmetic" in self.methods \
+            else None
         designs: list[dict] = []
+        if alone is not None:
+            for i in range(n):
+                designs.append(self._uniform_values(space, alone, {"weight": [float(i == j) for j in range(n)]}))
         if "linear" in self.methods:
-            for i in range(len(self.models)):
-                designs.append(self._uniform_values(space, "linear", {"weight": [float(i == j) for j in
-                                                                               range(len(self.models))]}))
-            designs.append(self._uniform_values(space, "linear", {"weight": [1.0] * len(self.models)}))
+            designs.append(self._uniform_values(space, "linear", {"weight": [1.0] * n}))
         if "task_arithmetic" in self.methods:
-            designs.append(self._uniform_values(space, "task_arithmetic", {"weight": [1.0] * len(self.models)}))
+            for weight in (0.5, 1.0):
+                designs.append(self._uniform_values(space, "task_arithmetic", {"weight": [weight] * n}))
         configurations = []
         for values in designs:
             configuration = Configuration(space, values=values)
