@@ -80,7 +80,12 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return cov / var if var else None
 
 
-def low_high_correlation(trials: list[dict], min_budget: float, max_budget: float) -> float | None:
+def low_high_correlation(trials: list[dict]) -> float | None:
+    """Spearman correlation of scores at the lowest and the highest budget used (configurations run at both)."""
+    budgets = [t["budget"] for t in trials if t["budget"] is not None]
+    if not budgets:
+        return None
+    min_budget, max_budget = min(budgets), max(budgets)
     low, high = {}, {}
     for t in trials:
         if t["status"] != "success" or t["budget"] is None:
@@ -133,7 +138,7 @@ def main() -> None:
                 "trials": len(trials),
                 "curve": curve(trials, block["max_budget"]),
                 "winner_full": winner,
-                "rank_correlation": low_high_correlation(trials, block["min_budget"], block["max_budget"]),
+                "rank_correlation": low_high_correlation(trials),
             })
             print(f"{optimizer} seed {seed}: {len(trials)} trials, winner {winner:.3f} (full budget), "
                   f"{runs[optimizer][-1]['seconds']:.0f} s, low/high rank correlation "

@@ -191,3 +191,11 @@ def test_shortlist_ranks_each_configuration_by_its_highest_budget_score():
                record("b", 10, 0.7), record("c", 30, 0.6), record("d", 10, 0.2)]
     assert shortlist(records, 2) == [{"x": "b"}, {"x": "c"}]
     assert shortlist(records, 10) == [{"x": "b"}, {"x": "c"}, {"x": "a"}, {"x": "d"}]
+
+
+def test_random_search_and_full_fidelity_bo_run(tmp_path):
+    for optimizer in ("random", "bo"):
+        config = write_config(tmp_path, n_trials=4, optimizer=optimizer, name=f"{optimizer}.yaml")
+        result = run_search(config, show_progress=False, write_model=False, run_name=optimizer)
+        trials = read_trials(result.run_dir / "trials.jsonl")
+        assert len(trials) == 4 and all(t["budget"] is None for t in trials), optimizer

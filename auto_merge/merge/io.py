@@ -31,6 +31,7 @@ from auto_merge.models.inspect import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     ModelInspectionError,
+    load_pickle_state,
     list_tensor_names,
     read_safetensors_header,
 )
@@ -99,7 +100,7 @@ def checkpoint_files(folder: str | Path, *, allow_pickle: bool = False) -> dict[
     files = files or sorted(folder.glob("*.bin"))
     located: dict[str, Path] = {}
     for file in files:
-        keys = read_safetensors_header(file) if file.suffix == ".safetensors" else _pickle_state(file)
+        keys = read_safetensors_header(file) if file.suffix == ".safetensors" else load_pickle_state(file)
         for name in keys:
             located.setdefault(name, file)
     return located
@@ -122,21 +123,9 @@ def tensor_infos(folder: str | Path, *, allow_pickle: bool = False) -> dict[str,
                     raise ModelInspectionError(f"{file}: tensor {name} has the unsupported dtype {entry['dtype']}")
                 infos[name] = TensorInfo(tuple(entry["shape"]), dtype[0])
         else:
-            for name, tensor in _pickle_state(file).items():
+            for name, tensor in load_pickle_state(file).items():
                 infos[name] = TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
     return {name: infos[name] for name in files}
-
-
-def _pickle_state(file: Path) -> dict:
-    import torch
-
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises many types (UnpicklingError, RuntimeError, ...) for bad files
-        raise ModelInspectionError(f"cannot read {file} with weights_only=True: {error}") from error
-    if not isinstance(state, dict):
-        raise ModelInspectionError(f"{file} does not hold a state dict")
-    return state
 
 
 class CheckpointReader:
@@ -179,7 +168,7 @@ class CheckpointReader:
             stream = self._stack.enter_context(file.open("rb"))
             (header_length,) = struct.unpack("<Q", stream.read(8))
             return stream, 8 + header_length, header
-        return _pickle_state(file)
+        return load_pickle_state(file)
 
     def close(self) -> None:
         self._handles.clear()

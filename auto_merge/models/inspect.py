@@ -97,15 +97,20 @@ def _names_from_index(index_file: Path) -> list[str]:
 
 
 def _names_from_pickle(file: Path) -> list[str]:
+    return sorted(load_pickle_state(file))
+
+
+def load_pickle_state(file: Path) -> dict:
+    """A pickle checkpoint's state dict, loaded with weights_only (callers check the user opted in to pickles)."""
     import torch  # only for explicitly allowed pickle checkpoints
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises many types (UnpicklingError, RuntimeError, ...) for bad files
-        raise ModelInspectionError(f"cannot read tensor names from {file}: {error}") from error
+        raise ModelInspectionError(f"cannot read {file} with weights_only=True: {error}") from error
     if not isinstance(state, dict):
         raise ModelInspectionError(f"{file} does not hold a state dict")
-    return sorted(state)
+    return state
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -148,9 +148,13 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
         facade = RandomFacade
         intensifier = facade.get_intensifier(scenario, max_config_calls=1)
     # SMAC refuses an initial design larger than n_trials: keep the strategy's designs in order (experts first).
-    designs = strategy.initial_configurations(space)[: max(0, n_trials - block.random_init_points)]
-    initial_design = facade.get_initial_design(scenario, n_configs=block.random_init_points,
-                                               additional_configs=designs, max_ratio=1.0)
+    designs = strategy.initial_configurations(space)
+    if facade is RandomFacade:  # its design is the default configuration plus the additional ones
+        initial_design = facade.get_initial_design(scenario, additional_configs=designs[: max(0, n_trials - 1)])
+    else:
+        initial_design = facade.get_initial_design(
+            scenario, n_configs=block.random_init_points, max_ratio=1.0,
+            additional_configs=designs[: max(0, n_trials - block.random_init_points)])
     return facade(scenario, target, intensifier=intensifier, initial_design=initial_design, **common)
 
 
