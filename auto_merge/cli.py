@@ -124,7 +124,8 @@ def cmd_search(args) -> int:
     from auto_merge.strategies import StrategyError
 
     try:
-        run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model)
+        run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model,
+                   config=config)
     except (ConfigError, SearchError, StrategyError) as err:
         raise UserFacingError(str(err)) from None
     return 0

@@ -174,13 +174,15 @@ def _dask_client(block, progress):
 
 
 def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: str | None = None,
-               show_progress: bool = True, write_model: bool = True) -> SearchResult:
+               show_progress: bool = True, write_model: bool = True, config=None) -> SearchResult:
+    """`config`: the already validated ExperimentConfig of `config_path`, when the caller has it (the CLI)."""
     from auto_merge.config import load_experiment
     from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run
     from auto_merge.search.trial import spec_cache_path
     from auto_merge.strategies import build_strategy
 
-    config = load_experiment(config_path)  # raises ConfigError before any model is loaded
+    if config is None:
+        config = load_experiment(config_path)  # raises ConfigError before any model is loaded
     strategy = build_strategy(config)
     block = config.selected
     run_dir, fingerprint, resumed = prepare_run_dir(config, strategy, overwrite=overwrite, run_name=run_name)

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class TrialSpec:
     objectives: tuple[str, ...] = ()  # task names, one cost each (multi-objective); empty = one aggregate cost
     torch_threads: int = 0  # 0: leave torch's default
     device: str = "cpu"
-    extra: dict = field(default_factory=dict)
 
 
 def recipe_fingerprint(recipe: dict, seed: int) -> str:
