@@ -95,12 +95,24 @@ def test_a_changed_group_is_the_only_one_recomputed(live_model, tmp_path):
     assert len(merger.apply(two_group_recipe(1.1, 0.6)).recomputed) == 75
 
 
-def test_a_recipe_that_changes_the_architecture_is_refused_before_writing(live_model):
+def test_a_recipe_of_other_tensor_shapes_is_refused_before_writing(live_model, zoo, tmp_path):
+    """Depth may change (tests/test_depth_strategies.py); tensor shapes may not: nothing is written then."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    narrow = tmp_path / "narrow"
+    config = LlamaConfig.from_pretrained(zoo / "base")
+    config.intermediate_size = 128
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(narrow)
+    for name in (zoo / "base").iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(name, narrow / name.name)
     before = {name: tensor.clone() for name, tensor in live_model.state_dict().items()}
-    franken = {"merge_method": "passthrough", "slices": [{"sources": [{"model": "zoo:num", "layer_range": [0, 6]}]},
-                                                          {"sources": [{"model": "zoo:rev", "layer_range": [4, 8]}]}]}
-    with pytest.raises(KeyError, match="changes the architecture"):
-        LiveMerger(live_model, device="cpu").apply(franken)
+    recipe = {"merge_method": "linear", "models": [{"model": str(narrow), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ValueError, match="planned shapes differ from the live model's"):
+        LiveMerger(live_model, device="cpu").apply(recipe)
     assert all(torch.equal(before[name], tensor) for name, tensor in live_model.state_dict().items())
 
 

@@ -157,7 +157,12 @@ class _ModelChecker:
                 self.problem(("num_hidden_layers",), f"{block.num_hidden_layers} differs from the depth of "
                                                      f"{model.reference!r} ({depth} layers)",
                              f"the models' real depth: {depth}")
-                return  # one report is enough: the user fixes the number once
+                break  # one report is enough: the user fixes the number once
+        if base is not None and not any(block.scale_filter in tensor for tensor in base.tensor_names):
+            self.problem(("scale_filter",), f"{block.scale_filter!r} matches no tensor name of the base model "
+                                            f"{base.reference!r}",
+                         f"the name of each layer's MLP output projection, e.g. a substring among "
+                         f"{_name_fragments(base.tensor_names)}")
 
     def check_normal_models(self, block: NormalModelsBlock) -> None:
         base = self.model(("base_model",), block.base_model)

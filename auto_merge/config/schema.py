@@ -616,11 +616,11 @@ class DisBlock(SearchSettings):
     n_workers: int = Field(1, ge=1, description="Parallel workers (one accelerator each)")
     base_model: str = Field(min_length=1, description=f"Fallback layers (remain_base): {_MODEL_REFERENCE}")
     models: list[str] = Field(min_length=1, description="Expert model references; list index = block id")
-    # The reference breaks with repeat or layer_granularity > 1 (reference.md §10.3): refused until the DIS
-    # strategy supports them.
-    repeat: int = Field(1, ge=1, description="Copies of each expert block per position (only 1 is supported)")
+    repeat: int = Field(1, ge=1, description="Copies of each expert's block per position (an expert's layer may "
+                                            "appear that many times at one position)")
     remain_base: bool = Field(True, description="Use the base layer where a position selects no block")
-    layer_granularity: int = Field(1, ge=1, description="Layers per position (only 1 is supported)")
+    layer_granularity: int = Field(1, ge=1, description="Layers per position (must divide num_hidden_layers - "
+                                                        "2 x fix_layers)")
     num_hidden_layers: int = Field(ge=1, description="Depth of the base and expert models")
     fix_layers: int = Field(0, ge=0, description="Layers kept fixed at each end")
     layers: int = Field(50, ge=1, description="Maximum output depth; deeper configurations are not evaluated")
@@ -628,19 +628,31 @@ class DisBlock(SearchSettings):
     float_block_selection: bool = Field(False, description="Search float block selectors instead of 0/1")
     block_selection_threshold: float = Field(
         0.5, ge=0, le=1, description="With float selectors, a block is selected when its value > threshold")
+    scale_filter: str = Field(
+        "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that a "
+        "position's output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
 
     _check_models = field_validator("models")(classmethod(_check_model_list))
 
     @model_validator(mode="after")
     def _check_dis(self) -> "DisBlock":
+        from auto_merge.strategies.dis import MAX_ORDERINGS, count_orderings
+
         issues = []
-        for key in ("repeat", "layer_granularity"):
-            if getattr(self, key) != 1:
-                issues.append(Issue((key,), f"{key} {getattr(self, key)} is not supported by DIS", "1"))
+        searched = self.num_hidden_layers - 2 * self.fix_layers
+        orderings = count_orderings(len(self.models), self.repeat)
+        if orderings > MAX_ORDERINGS:
+            issues.append(Issue(("repeat",), f"{len(self.models)} models x repeat {self.repeat} give {orderings} "
+                                f"block orderings per position", f"at most {MAX_ORDERINGS} (a smaller repeat)"))
         if 2 * self.fix_layers >= self.num_hidden_layers:
             issues.append(Issue(("fix_layers",), f"{self.fix_layers} fixed layers at each end leave no layer to "
                                 f"search in {self.num_hidden_layers}",
                                 f"0 <= fix_layers < {(self.num_hidden_layers + 1) // 2}"))
+        elif searched % self.layer_granularity:
+            divisors = [d for d in range(1, searched + 1) if searched % d == 0]
+            issues.append(Issue(("layer_granularity",), f"{self.layer_granularity} does not divide the "
+                                f"{searched} searched layers (num_hidden_layers - 2 x fix_layers)",
+                                f"one of {divisors}"))
         elif self.remain_base and self.layers < self.num_hidden_layers:
             issues.append(Issue(("layers",), f"with remain_base every configuration has at least "
                                 f"{self.num_hidden_layers} layers, more than layers: {self.layers}",
@@ -660,6 +672,12 @@ class PruneBlock(SearchSettings):
     merging_method: MethodRanges = Field(
         description="Parameter ranges {method: {param: {min, max}}}; task_arithmetic.scaling_coefficient (or "
                     "lambda) is the searched merge scale; other methods are accepted but unused")
+    multi_objective: bool = Field(
+        False, description="New. true: one objective per task and a Pareto front (ParEGO, as lfs_multiobj); "
+                           "false: the aggregate of the tasks")
+    scale_filter: str = Field(
+        "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that the layer's "
+        "output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
 
     _check_models = field_validator("models")(classmethod(_check_model_list))
 
@@ -879,6 +897,8 @@ class ExperimentConfig(StrictModel):
         tasks = self.global_params.evaluation.tasks
         # Searches need something to optimise; normal_* with no task only merge (nothing is evaluated).
         needed_tasks = {"lfs_multiobj": 2}.get(self.strategy, 1 if self.strategy in SEARCH_STRATEGIES else 0)
+        if getattr(block, "multi_objective", False):
+            needed_tasks = 2
         if len(tasks) < needed_tasks:
             issues.append(Issue(("global_params", "evaluation", "tasks"), f"strategy {self.strategy} needs at "
                                 f"least {needed_tasks} evaluation task(s), got {len(tasks)}",

@@ -62,8 +62,11 @@ def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: i
 
     inputs = [prepare(tensor_input) for tensor_input in task.inputs]
     base = prepare(task.base) if task.base is not None else None
-    return merge_tensor(task.method, inputs, base, task.global_dict(), task.per_model_dicts(), seed=seed,
-                        tensor_name=task.name)
+    merged = merge_tensor(task.method, inputs, base, task.global_dict(), task.per_model_dicts(), seed=seed,
+                          tensor_name=task.name)
+    if task.output_scale != 1.0:
+        merged = merged * task.output_scale  # not in place: a passthrough result may be a resident source tensor
+    return merged
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,16 @@ Two entry points:
   would write for its recipe. Source tensors are loaded once per model and kept, in fp32 (or, to save memory, the
   experts as bf16 task vectors against an fp32 base), on the GPU when there is one and they fit, else on the CPU.
   Each output tensor's task is remembered; a tensor whose task did not change since the last candidate (e.g. a
-  layer group the search did not touch) is not recomputed.
+  layer group the search did not touch) is not recomputed. A plan of another depth (DIS, pruning) resizes the live
+  model's decoder first (:class:`LiveDepth`): layer modules are kept in a pool and re-used, never re-created per
+  candidate.
 - :func:`materialise_into` takes a *tensor plan* (tensor name → :class:`TensorSpec`) over one base and a fixed list
   of experts held by :class:`ResidentSources`; the zoo report uses it for its uniform and per-group merges.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,10 +31,19 @@ import torch
 
 from auto_merge.merge.engine import merge_task
 from auto_merge.merge.methods import get_method, merge_tensor
-from auto_merge.merge.plan import MergePlan, ModelCatalog, SourceModel, TensorInput, compile_plan, layer_index
+from auto_merge.merge.plan import (
+    DEPTH_KEYS,
+    MergePlan,
+    ModelCatalog,
+    SourceModel,
+    TensorInput,
+    compile_plan,
+    layer_index,
+    layer_key,
+)
 from auto_merge.merge.recipe import Recipe, parse_recipe
 
-__all__ = ["LiveMerger", "LiveUpdate", "ResidentModels", "ResidentSources", "TensorSpec", "TensorPlan",
+__all__ = ["LiveDepth", "LiveMerger", "LiveUpdate", "ResidentModels", "ResidentSources", "TensorSpec", "TensorPlan",
            "layer_index", "materialise_into", "read_state"]
 
 # Share of free GPU memory the resident sources may take when the device is chosen automatically.
@@ -185,6 +197,72 @@ def choose_device(models: Mapping[str, SourceModel], dtype: torch.dtype, preferr
     return "cuda" if needed <= GPU_MEMORY_SHARE * free else "cpu"
 
 
+class LiveDepth:
+    """Sets the number of decoder layers of a live `transformers` model, for plans that change the depth.
+
+    The decoder's layer list (found from the plan's tensor names, e.g. ``model.layers``) is cut or extended from a
+    pool of layer modules: the model's own layers, plus copies of its first layer made when a plan is deeper than
+    any before. A pooled layer keeps its module (and its weights) while it is out of the list, so position ``i``
+    is always the same module. Each layer's ``layer_idx`` (its KV-cache slot) and the config's depth and
+    ``layer_types`` are updated, which is what generation and the attention masks read.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.layers: torch.nn.ModuleList | None = None
+        self.pool: list[torch.nn.Module] = []
+
+    def fit(self, plan: MergePlan) -> None:
+        """Give the model exactly ``plan.num_layers`` decoder layers (nothing happens when it has them already)."""
+        if self.layers is None:
+            self.layers = self._find_layers(plan)
+            if self.layers is None:
+                return
+            self.pool = list(self.layers)
+        depth = plan.num_layers
+        if depth == len(self.layers):
+            return
+        while len(self.pool) < depth:
+            self.pool.append(copy.deepcopy(self.pool[0]))
+        if depth < len(self.layers):
+            del self.layers[depth:]
+        else:
+            self.layers.extend(self.pool[len(self.layers):depth])
+        for index, layer in enumerate(self.layers):
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = index
+        self._update_config(plan.output_config, depth)
+
+    def _find_layers(self, plan: MergePlan) -> torch.nn.ModuleList | None:
+        named = next((task.name for task in plan.tasks if task.layer is not None), None)
+        key = layer_key(named) if named else None
+        if key is None:
+            return None
+        try:
+            layers = self.model.get_submodule(key[0].rstrip("."))
+        except AttributeError:
+            return None
+        return layers if isinstance(layers, torch.nn.ModuleList) else None
+
+    def _update_config(self, output_config: Mapping, depth: int) -> None:
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return
+        planned = output_config.get("text_config", output_config) if isinstance(output_config, Mapping) else {}
+        targets = [config]
+        if hasattr(config, "get_text_config") and config.get_text_config() is not config:
+            targets.append(config.get_text_config())
+        for target in targets:
+            for key in DEPTH_KEYS:
+                if isinstance(getattr(target, key, None), int):
+                    setattr(target, key, depth)
+            if isinstance(getattr(target, "layer_types", None), list):
+                layer_types = planned.get("layer_types") or output_config.get("layer_types")
+                target.layer_types = list(layer_types) if isinstance(layer_types, list) and \
+                    len(layer_types) == depth else [target.layer_types[0]] * depth
+
+
 @dataclass(frozen=True)
 class LiveUpdate:
     """What one :meth:`LiveMerger.apply` did: tensors recomputed, tensors left as they were, tied duplicates."""
@@ -209,6 +287,7 @@ class LiveMerger:
         self.dtype = dtype
         self.task_vectors = task_vectors
         self.resident: ResidentModels | None = None
+        self.depth = LiveDepth(model)
         self._applied: dict[str, Any] = {}
 
     def compile(self, recipe: Recipe | Mapping, *, source: str | None = None) -> MergePlan:
@@ -224,6 +303,7 @@ class LiveMerger:
         """Materialise ``candidate`` into the live model; unchanged tensors since the last call are skipped."""
         started = time.perf_counter()
         plan = candidate if isinstance(candidate, MergePlan) else self.compile(candidate)
+        self.depth.fit(plan)
         targets, tied = self._targets(plan)
         if self.resident is None:
             device = choose_device(plan.models, self.dtype, self.preferred_device)

@@ -25,6 +25,7 @@ Parameter filters are matched against the output tensor name.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,6 +38,7 @@ from auto_merge.merge.io import DTYPE_BYTES, TensorInfo, tensor_infos
 from auto_merge.merge.methods import get_method, validate_params
 from auto_merge.merge.recipe import (
     MEMORY_ONLY_PARAMS,
+    OUTPUT_SCALE,
     TOKENIZER_MODES,
     Parameters,
     Recipe,
@@ -214,6 +216,7 @@ class TensorTask:
     shape: tuple[int, ...]
     layer: int | None
     slice_index: int
+    output_scale: float = 1.0  # multiplies the method's result (recipe parameter `output_scale`)
 
     def global_dict(self) -> dict[str, Any]:
         return dict(self.global_params)
@@ -496,6 +499,12 @@ def _task(name: str, slice_: _Slice, inputs: tuple[TensorInput, ...], base: Tens
         global_names.append("rescale")
     for param_name in global_names:
         _set_if_found(global_given, origins, None, param_name, [slice_level, recipe_level], name, position)
+    scale_given: dict[str, Any] = {}
+    _set_if_found(scale_given, origins, None, OUTPUT_SCALE, [slice_level, recipe_level], name, position)
+    output_scale = scale_given.get(OUTPUT_SCALE, 1.0)
+    if isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)) or not math.isfinite(output_scale):
+        fail(f"{OUTPUT_SCALE} for tensor {name} is {output_scale!r}", key=origins.get((None, OUTPUT_SCALE)),
+             allowed="a finite number")
     per_model_given = []
     for index, source in enumerate(slice_.inputs):
         given: dict[str, Any] = {}
@@ -511,7 +520,8 @@ def _task(name: str, slice_: _Slice, inputs: tuple[TensorInput, ...], base: Tens
         models = ", ".join(f"model {i} = {s.key} ({s.model})" for i, s in enumerate(slice_.inputs))
         fail(f"for tensor {name} ({models}): {error}", key=_error_key(str(error), origins, slice_))
     return TensorTask(name=name, method=slice_.method, inputs=inputs, base=base, global_params=global_params,
-                      per_model_params=per_model_params, shape=(), layer=layer, slice_index=slice_.index)
+                      per_model_params=per_model_params, shape=(), layer=layer, slice_index=slice_.index,
+                      output_scale=float(output_scale))
 
 
 def _error_key(message: str, origins: dict[tuple[int | None, str], str], slice_: _Slice) -> str:
@@ -602,7 +612,7 @@ def _with_shape(task: TensorTask, vocabulary: VocabularyPlan, models: _ModelAcce
     base = reads[-1] if task.base is not None else None
     return TensorTask(name=task.name, method=task.method, inputs=inputs, base=base, global_params=task.global_params,
                       per_model_params=task.per_model_params, shape=tuple(shapes[0]), layer=task.layer,
-                      slice_index=task.slice_index)
+                      slice_index=task.slice_index, output_scale=task.output_scale)
 
 
 def _output_config(template: SourceModel, slices: list[_Slice], depth: int, vocab_rows: int, out_dtype: str,

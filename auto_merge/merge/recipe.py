@@ -46,6 +46,9 @@ DTYPE_ALIASES = {
 TOKENIZER_MODES = ("base", "union")
 # mergekit options that change memory use only; accepted wherever mergekit accepts them and otherwise ignored.
 MEMORY_ONLY_PARAMS = {"int8_mask"}
+# Accepted by every method (global scope): multiplies the merged tensor. Depth strategies fold a layer's output scale
+# into its MLP output projection with it (`output_scale: [{filter: mlp.down_proj, value: s}, {value: 1.0}]`).
+OUTPUT_SCALE = "output_scale"
 # Keys of the mergekit schema this version does not implement: rejected with a message rather than ignored.
 UNSUPPORTED_KEYS = {
     "modules": "multi-module (e.g. vision-language) merges",
@@ -529,6 +532,7 @@ def accepted_parameter_names(method: str) -> dict[str, str]:
         names["rescale"] = "global"  # mergekit's bool spelling, translated by the registry
     if spec.has_param("lambda"):
         names.update({name: "global" for name in MEMORY_ONLY_PARAMS})
+    names[OUTPUT_SCALE] = "global"
     return names
 
 
@@ -767,7 +771,7 @@ def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
             document["base_model"] = name(base[0])
         document["slices"] = [_export_slice(recipe, index, name, base, base[0] if base else None)]
         parameters = {key: value for key, value in recipe.parameters.items() if key in accepted}
-        exported = parameters_to_data(_export_params(parameters, "parameters"))
+        exported = parameters_to_data(_export_params(parameters, "parameters", method))
         if exported:
             document["parameters"] = exported
         document.update(stage_common)
@@ -780,7 +784,7 @@ def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
 
 
 def _add_common(document: dict, recipe: Recipe, parameters: Parameters, has_base: bool, name, common: dict) -> None:
-    exported = parameters_to_data(_export_params(parameters, "parameters"))
+    exported = parameters_to_data(_export_params(parameters, "parameters", document["merge_method"]))
     if exported:
         document["parameters"] = exported
     document.update(common)
@@ -838,16 +842,26 @@ def _export_slice(recipe: Recipe, index: int, name, base: tuple[str, tuple[int, 
         if base_model != document_base:
             data["base_model"] = name(base_model)
     data["sources"] = sources
-    exported = parameters_to_data(_export_params(slice_.parameters, f"{key}.parameters"))
+    exported = parameters_to_data(_export_params(slice_.parameters, f"{key}.parameters", recipe.slice_method(index)))
     if exported:
         data["parameters"] = exported
     return data
 
 
-def _export_params(parameters: Parameters, key: str) -> Parameters:
-    """Parameters renamed for mergekit (rescale_mode → rescale); raises for values mergekit does not have."""
+def _export_params(parameters: Parameters, key: str, method: str | None = None) -> Parameters:
+    """Parameters renamed for mergekit (rescale_mode → rescale, a passthrough's output_scale → scale); raises for
+    values mergekit does not have."""
     translated: dict[str, tuple[ParamEntry, ...]] = {}
     for name, entries in parameters.items():
+        if name == OUTPUT_SCALE:
+            if all(entry.value == 1 for entry in entries):
+                continue
+            if method != "passthrough" or "scale" in parameters:
+                raise MergekitExportError("mergekit cannot scale the output of a merge method (only passthrough "
+                                          "has `scale`)", key=f"{key}.{OUTPUT_SCALE}",
+                                          allowed="output_scale 1, or a passthrough slice")
+            translated["scale"] = entries
+            continue
         if name == "rescale_mode":
             values = {entry.value for entry in entries}
             if not values <= {"l1", "none"}:

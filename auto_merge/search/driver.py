@@ -5,7 +5,7 @@
 2. builds the strategy (space + decoder) and the run folder `<output_path>/<run_name>`; a run folder holding a
    different config is refused unless `overwrite` (which replaces it) — rerunning the same config resumes;
 3. runs SMAC: multi-fidelity Hyperband (the default), plain BO at max_budget, or random search; multi-objective
-   (`lfs_multiobj`: one cost per task) uses ParEGO with incumbent selection at the highest budget (SMAC #1050);
+   (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with incumbent selection at the highest budget (SMAC #1050);
 4. records every trial as one JSON line in `trials.jsonl` as soon as SMAC is told its result;
 5. exports the best configuration (or the Pareto front) as self-describing JSON, scores it and every expert alone at
    the full budget, writes the winning merged checkpoint, and draws the plots.
@@ -85,7 +85,7 @@ def prepare_run_dir(config, strategy, *, overwrite: bool, run_name: str | None) 
     """The run folder, the run's fingerprint, and whether an earlier run is resumed."""
     block = config.selected
     root = Path(config.global_params.output_path or "runs")
-    run_dir = root / (run_name or block.run_name or config.strategy)
+    run_dir = root / (run_name or getattr(block, "run_name", None) or config.strategy)
     fingerprint = run_fingerprint(config, strategy)
     manifest = run_dir / RUN_MANIFEST
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -179,16 +179,20 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
     from auto_merge.config import load_experiment
     from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run
     from auto_merge.search.trial import spec_cache_path
-    from auto_merge.strategies import build_strategy
+    from auto_merge.strategies import build_strategy, objectives_of
 
     if config is None:
         config = load_experiment(config_path)  # raises ConfigError before any model is loaded
+    if config.strategy in ("normal_models", "normal_slices"):  # one-shot merges: no search
+        from auto_merge.search.oneshot import run_oneshot
+
+        return run_oneshot(config, overwrite=overwrite, run_name=run_name, show_progress=show_progress,
+                           write_model=write_model)
     strategy = build_strategy(config)
     block = config.selected
     run_dir, fingerprint, resumed = prepare_run_dir(config, strategy, overwrite=overwrite, run_name=run_name)
     space = strategy.build_space(seed=config.global_params.random_seed)
-    objectives = tuple(t.task for t in config.global_params.evaluation.tasks) if config.strategy == "lfs_multiobj" \
-        else ()
+    objectives = objectives_of(config)
     workers = 1 if not block.dask_scheduler and block.n_workers <= 1 else block.n_workers
     spec = TrialSpec(
         run_id=fingerprint,

@@ -251,15 +251,21 @@ def write_winner_model(recipe: dict, out_dir: Path, spec) -> Path:
     return out_dir
 
 
-def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
-    tasks = list(final["base"]["scores"])
-    rows = [("base", final["base"])] + [(f"expert {m}", s) for m, s in final["experts"].items()]
-    rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
+def score_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """Aligned text lines: a header, then per (label, {scores: {task: score}, mean_score}) one row."""
+    tasks = list(rows[0][1]["scores"])
     width = max(len(label) for label, _ in rows) + 2
-    lines = ["", "full-budget scores:", "model".ljust(width) + "".join(t.rjust(12) for t in tasks) + "mean".rjust(10)]
+    lines = ["model".ljust(width) + "".join(t.rjust(12) for t in tasks) + "mean".rjust(10)]
     for label, entry in rows:
         lines.append(label.ljust(width) + "".join(f"{entry['scores'][t]:12.3f}" for t in tasks)
                      + f"{entry['mean_score']:10.3f}")
+    return lines
+
+
+def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
+    rows = [("base", final["base"])] + [(f"expert {m}", s) for m, s in final["experts"].items()]
+    rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
+    lines = ["", "full-budget scores:"] + score_table(rows)
     best_expert = max(s["mean_score"] for s in final["experts"].values())
     best_winner = max(w["mean_score"] for w in final["winners"])
     lines.append(f"\nbest merge vs best expert: {100 * (best_winner - best_expert):+.1f} points of mean score")

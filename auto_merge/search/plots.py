@@ -13,7 +13,8 @@ def draw_plots(run_dir: Path, records: list[dict], recipe: dict, strategy, final
     folder = run_dir / "plots"
     folder.mkdir(exist_ok=True)
     paths = [progress_plot(folder / "progress.png", records, final),
-             recipe_plot(folder / "winner_groups.png", recipe, strategy)]
+             recipe_plot(folder / "winner_groups.png", recipe, strategy) if hasattr(strategy, "families")
+             else layer_plot(folder / "winner_layers.png", recipe, strategy)]
     if objectives:
         paths.append(front_plot(folder / "front.png", records, final, objectives))
     return paths
@@ -77,6 +78,40 @@ def recipe_plot(path: Path, recipe: dict, strategy) -> Path:
             ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="white")
     fig.colorbar(image, ax=ax, label="weight (slerp: share)")
     ax.set_title("winning recipe per layer group")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def layer_plot(path: Path, recipe: dict, strategy) -> Path:
+    """Per output layer (depth strategies): which models supply it, from which source layer, and its output scale."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [strategy.base_model] + [m for m in strategy.models if m != strategy.base_model]
+    columns = []  # per output layer: ({model: source layer}, method, scale)
+    for slice_ in recipe.get("slices") or []:
+        sources = slice_["sources"]
+        length = sources[0]["layer_range"][1] - sources[0]["layer_range"][0]
+        scale = _family_value((slice_.get("parameters") or {}).get("output_scale", 1.0), strategy.scale_filter)
+        for k in range(length):
+            columns.append(({s["model"]: s["layer_range"][0] + k for s in sources}, slice_.get("merge_method"),
+                            scale))
+    grid = np.full((len(rows), len(columns)), np.nan)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * len(columns), 1.6 + 0.4 * len(rows)))
+    for col, (supplied, method, scale) in enumerate(columns):
+        for model, layer in supplied.items():
+            row = rows.index(model)
+            grid[row, col] = scale
+            ax.text(col, row, str(layer), ha="center", va="center", fontsize=7, color="white")
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(2.0, float(np.nanmax(grid))))
+    ax.set_xticks(range(len(columns)), [f"{i}\n{'TA' if m == 'task_arithmetic' else ''}"
+                                        for i, (_, m, _) in enumerate(columns)], fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xlabel("output layer (cell: source layer; TA: task arithmetic)", fontsize=8)
+    fig.colorbar(image, ax=ax, label="output scale (MLP branch)")
+    ax.set_title(f"winning {strategy.name} model: {len(columns)} layers")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

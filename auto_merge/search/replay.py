@@ -33,11 +33,10 @@ def load_found_configuration(path: Path, config_path: Path | None = None):
         raise ReplayError(f"{path} is not in this project's format ({SEARCH_CONFIG_FORMAT}); a reference "
                           "configuration needs the experiment config it was found with: pass --config EXP.yaml")
     from auto_merge.config import load_experiment
-    from auto_merge.strategies.reference_import import import_reference_lfs
 
     config = load_experiment(config_path)
     strategy = build_strategy(config)
-    values = import_reference_lfs(data, strategy)
+    values = strategy.import_reference(data)
     from auto_merge.search.outputs import evaluation_record
 
     paths = {ref: str(p) for ref, p in config.model_paths.items()}

@@ -8,16 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from auto_merge.strategies.dis import DISStrategy
 from auto_merge.strategies.lfs import LFSStrategy, StrategyError
+from auto_merge.strategies.prune import PruneStrategy
 
-SEARCH_STRATEGIES = ("lfs", "lfs_multiobj")
+STRATEGY_CLASSES = {"lfs": LFSStrategy, "lfs_multiobj": LFSStrategy, "dis": DISStrategy, "prune": PruneStrategy}
+SEARCH_STRATEGIES = tuple(STRATEGY_CLASSES)
 
 
 def strategy_from_description(data: Mapping):
     name = data.get("strategy")
-    if name in ("lfs", "lfs_multiobj"):
-        return LFSStrategy.from_description(data)
-    raise StrategyError(f"unknown strategy {name!r} in a strategy description; allowed: {', '.join(SEARCH_STRATEGIES)}")
+    if name not in STRATEGY_CLASSES:
+        raise StrategyError(f"unknown strategy {name!r} in a strategy description; allowed: "
+                            f"{', '.join(SEARCH_STRATEGIES)}")
+    return STRATEGY_CLASSES[name].from_description(data)
+
+
+def objectives_of(config) -> tuple[str, ...]:
+    """One objective per task for multi-objective searches (lfs_multiobj, prune with multi_objective), else none
+    (one aggregate cost)."""
+    block = config.selected
+    if config.strategy == "lfs_multiobj" or getattr(block, "multi_objective", False):
+        return tuple(t.task for t in config.global_params.evaluation.tasks)
+    return ()
 
 
 def build_strategy(config):
@@ -29,6 +42,18 @@ def build_strategy(config):
         raise StrategyError(f"strategy {config.strategy!r} has no search driver in this version; "
                             f"searchable: {', '.join(SEARCH_STRATEGIES)}")
     depth = model_depth(read_model_config(config.model_paths[block.base_model]))
+    if config.strategy == "dis":
+        return DISStrategy(
+            base_model=block.base_model, models=tuple(block.models), num_layers=depth, max_layers=block.layers,
+            layer_granularity=block.layer_granularity, repeat=block.repeat, remain_base=block.remain_base,
+            fix_layers=block.fix_layers, float_block_selection=block.float_block_selection,
+            block_selection_threshold=block.block_selection_threshold, scale_filter=block.scale_filter)
+    if config.strategy == "prune":
+        scale = block.merging_method["task_arithmetic"]
+        lam = scale.get("scaling_coefficient") or scale["lambda"]
+        return PruneStrategy(
+            base_model=block.base_model, models=tuple(block.models), num_layers=depth, target_layers=block.layers,
+            lambda_range=(lam.min, lam.max), scale_filter=block.scale_filter)
     ranges = {method: {param: {"min": r.min, "max": r.max} for param, r in params.items()}
               for method, params in block.merging_method.items()}
     strategy = LFSStrategy(

@@ -275,6 +275,12 @@ class LFSStrategy:
             "dtype": self.dtype,
         }
 
+    def import_reference(self, flat: Mapping) -> dict:
+        """A reference LFS configuration (flat SMAC JSON) as values of this space (see reference_import)."""
+        from auto_merge.strategies.reference_import import import_reference_lfs
+
+        return import_reference_lfs(flat, self)
+
     @classmethod
     def from_description(cls, data: Mapping) -> "LFSStrategy":
         return cls(

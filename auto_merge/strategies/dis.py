@@ -1,0 +1,261 @@
+"""DIS, depth-wise integration: per depth position, which experts' layers are stacked there, in which order, and
+at what output scale.
+
+With L layers, ``fix_layers`` f pinned at each end and ``layer_granularity`` g, there are N = (L - 2f) / g
+positions; position i covers source layers [f + i*g, f + (i+1)*g). Each position has C = M * ``repeat`` candidate
+blocks (M experts): block j is expert j mod M's layers of that position (all g of them), copy j // M. The space
+keeps the reference's hyperparameter names, so its published configurations are configurations of this space:
+
+- ``layer_{i}_block_{j}_selection``: "0"/"1" (or a float in [0, 1], selected above a threshold, with
+  ``float_block_selection``);
+- ``layer_{i}_permutation_selection``: the order of the candidates, an index into every distinct ordering of the
+  multiset of their experts in lexicographic order (for 3 experts: 012, 021, 102, 120, 201, 210); present only when
+  there is more than one ordering;
+- ``scale_{i}``: the position's output scale.
+
+Decoding position i walks its ordering; the k-th occurrence of expert m is block m + k*M, stacked when selected
+(first = nearest the input). Nothing selected: the base model's layers of the position with ``remain_base``, else
+the position vanishes. The scale multiplies the MLP output projection (``scale_filter``) of every layer of the
+position's last block; a base fallback stays unscaled. The f fixed layers at each end are the base model's. A
+configuration deeper than ``layers`` (or of depth 0) is rejected before any merge or evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from auto_merge.strategies.depth import (
+    DEFAULT_SCALE_FILTER,
+    DEFAULT_SCALE_RANGE,
+    RejectedConfiguration,
+    check_reference_keys,
+    passthrough_slice,
+)
+from auto_merge.strategies.lfs import StrategyError
+
+# A categorical over more orderings than this is useless to the surrogate (and slow to build).
+MAX_ORDERINGS = 5040
+
+
+def distinct_orderings(items: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every distinct ordering of a multiset, in lexicographic order (generated directly, not by filtering n!)."""
+    current = sorted(items)
+    orderings = [tuple(current)]
+    while True:  # next lexicographic permutation; equal items never swap, so each ordering appears once
+        pivot = len(current) - 2
+        while pivot >= 0 and current[pivot] >= current[pivot + 1]:
+            pivot -= 1
+        if pivot < 0:
+            return orderings
+        successor = len(current) - 1
+        while current[successor] <= current[pivot]:
+            successor -= 1
+        current[pivot], current[successor] = current[successor], current[pivot]
+        current[pivot + 1:] = reversed(current[pivot + 1:])
+        orderings.append(tuple(current))
+
+
+def count_orderings(models: int, repeat: int) -> int:
+    return math.factorial(models * repeat) // math.factorial(repeat) ** models
+
+
+@dataclass(frozen=True)
+class DISStrategy:
+    base_model: str
+    models: tuple[str, ...]
+    num_layers: int
+    max_layers: int
+    layer_granularity: int = 1
+    repeat: int = 1
+    remain_base: bool = True
+    fix_layers: int = 0
+    float_block_selection: bool = False
+    block_selection_threshold: float = 0.5
+    scale_range: tuple[float, float] = DEFAULT_SCALE_RANGE
+    scale_filter: str = DEFAULT_SCALE_FILTER
+    dtype: str = "float32"
+    name: str = "dis"
+
+    def __post_init__(self) -> None:
+        searched = self.num_layers - 2 * self.fix_layers
+        if not self.models:
+            raise StrategyError("DIS needs at least one expert model")
+        if self.layer_granularity < 1 or self.repeat < 1:
+            raise StrategyError("layer_granularity and repeat must be >= 1")
+        if searched <= 0 or searched % self.layer_granularity:
+            raise StrategyError(f"layer_granularity {self.layer_granularity} does not divide the "
+                                f"{searched} searched layers ({self.num_layers} - 2 x fix_layers {self.fix_layers})")
+        if count_orderings(len(self.models), self.repeat) > MAX_ORDERINGS:
+            raise StrategyError(f"{len(self.models)} experts x repeat {self.repeat} have "
+                                f"{count_orderings(len(self.models), self.repeat)} orderings per position; at most "
+                                f"{MAX_ORDERINGS} can be searched (use fewer experts or a smaller repeat)")
+
+    # ------------------------------------------------------------------------------------------------ the space
+
+    @property
+    def n_positions(self) -> int:
+        return (self.num_layers - 2 * self.fix_layers) // self.layer_granularity
+
+    @property
+    def n_candidates(self) -> int:
+        return len(self.models) * self.repeat
+
+    @property
+    def orderings(self) -> list[tuple[int, ...]]:
+        return distinct_orderings([j % len(self.models) for j in range(self.n_candidates)])
+
+    def build_space(self, seed: int = 0):
+        from ConfigSpace import Categorical, ConfigurationSpace, Float
+
+        space = ConfigurationSpace(seed=seed)
+        n_orderings = len(self.orderings)
+        low, high = self.scale_range
+        hyperparameters = []
+        for i in range(self.n_positions):
+            hyperparameters.append(Float(f"scale_{i}", (low, high), default=min(max(1.0, low), high)))
+            if n_orderings > 1:
+                hyperparameters.append(Categorical(f"layer_{i}_permutation_selection",
+                                                   [str(p) for p in range(n_orderings)], default="0"))
+            for j in range(self.n_candidates):
+                name = f"layer_{i}_block_{j}_selection"
+                hyperparameters.append(Float(name, (0.0, 1.0), default=0.0) if self.float_block_selection
+                                       else Categorical(name, ["0", "1"], default="0"))
+        space.add(hyperparameters)
+        return space
+
+    def initial_configurations(self, space) -> list:
+        """Each expert alone (its first block selected at every position, scale 1, the first ordering), then the
+        base alone when positions fall back to it."""
+        from ConfigSpace import Configuration
+
+        designs = []
+        for m in range(len(self.models)):
+            values = dict(space.get_default_configuration())
+            for i in range(self.n_positions):
+                values[f"scale_{i}"] = min(max(1.0, self.scale_range[0]), self.scale_range[1])
+                values[f"layer_{i}_block_{m}_selection"] = 1.0 if self.float_block_selection else "1"
+            designs.append(values)
+        if self.remain_base:
+            designs.append(dict(space.get_default_configuration()))
+        configurations = []
+        for values in designs:
+            configuration = Configuration(space, values=values)
+            configuration.origin = "initial design"
+            configurations.append(configuration)
+        return configurations
+
+    # ------------------------------------------------------------------------------------------------ decoding
+
+    def _selected(self, value) -> bool:
+        if self.float_block_selection:
+            return float(value) > self.block_selection_threshold
+        return str(value) == "1"
+
+    def position_blocks(self, values: Mapping, i: int) -> list[int]:
+        """The experts (indices into `models`) stacked at position i, nearest the input first."""
+        orderings = self.orderings
+        key = f"layer_{i}_permutation_selection"
+        if len(orderings) > 1:
+            if key not in values:
+                raise StrategyError(f"{key} is missing: the configuration does not fit this DIS space")
+            ordering = orderings[int(values[key])]
+        else:
+            ordering = orderings[0]
+        seen = [0] * len(self.models)
+        blocks = []
+        for m in ordering:
+            j = m + seen[m] * len(self.models)
+            seen[m] += 1
+            if self._selected(values[f"layer_{i}_block_{j}_selection"]):
+                blocks.append(m)
+        return blocks
+
+    def layer_plan(self, values: Mapping) -> list[tuple[str, int, float]]:
+        """The output layers as (model, source layer, scale), input side first (the hand-checkable decode)."""
+        g, f = self.layer_granularity, self.fix_layers
+        layers: list[tuple[str, int, float]] = [(self.base_model, layer, 1.0) for layer in range(f)]
+        for i in range(self.n_positions):
+            start = f + i * g
+            blocks = self.position_blocks(values, i)
+            if not blocks:
+                if self.remain_base:
+                    layers += [(self.base_model, start + k, 1.0) for k in range(g)]
+                continue
+            scale = float(values[f"scale_{i}"])
+            for b, m in enumerate(blocks):
+                block_scale = scale if b == len(blocks) - 1 else 1.0
+                layers += [(self.models[m], start + k, block_scale) for k in range(g)]
+        layers += [(self.base_model, layer, 1.0) for layer in range(self.num_layers - f, self.num_layers)]
+        return layers
+
+    def depth(self, values: Mapping) -> int:
+        return len(self.layer_plan(values))
+
+    def decode(self, configuration: Mapping) -> dict:
+        """The merge recipe (passthrough slices, output scales folded into the MLP output projections)."""
+        values = dict(configuration)
+        layers = self.layer_plan(values)
+        if not layers:
+            raise RejectedConfiguration("the configuration selects no layer at all (depth 0)")
+        if len(layers) > self.max_layers:
+            raise RejectedConfiguration(f"depth {len(layers)} exceeds the maximum output depth {self.max_layers} "
+                                        "(config key `layers`); not evaluated")
+        slices = []
+        for model, layer, scale in layers:
+            previous = slices[-1] if slices else None
+            source = previous["sources"][0] if previous else None
+            if (previous and scale == 1.0 and "parameters" not in previous and source["model"] == model
+                    and source["layer_range"][1] == layer):
+                source["layer_range"][1] += 1  # consecutive unscaled layers of one model: one slice
+            else:
+                slices.append(passthrough_slice(model, layer, 1, scale, self.scale_filter))
+        return {"base_model": self.base_model, "dtype": self.dtype, "slices": slices}
+
+    # ------------------------------------------------------------------------------------------------ describe
+
+    def describe(self) -> dict:
+        return {
+            "strategy": self.name,
+            "base_model": self.base_model,
+            "models": list(self.models),
+            "num_layers": self.num_layers,
+            "max_layers": self.max_layers,
+            "layer_granularity": self.layer_granularity,
+            "repeat": self.repeat,
+            "remain_base": self.remain_base,
+            "fix_layers": self.fix_layers,
+            "float_block_selection": self.float_block_selection,
+            "block_selection_threshold": self.block_selection_threshold,
+            "scale_range": list(self.scale_range),
+            "scale_filter": self.scale_filter,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_description(cls, data: Mapping) -> "DISStrategy":
+        return cls(
+            base_model=data["base_model"],
+            models=tuple(data["models"]),
+            num_layers=int(data["num_layers"]),
+            max_layers=int(data["max_layers"]),
+            layer_granularity=int(data.get("layer_granularity", 1)),
+            repeat=int(data.get("repeat", 1)),
+            remain_base=bool(data.get("remain_base", True)),
+            fix_layers=int(data.get("fix_layers", 0)),
+            float_block_selection=bool(data.get("float_block_selection", False)),
+            block_selection_threshold=float(data.get("block_selection_threshold", 0.5)),
+            scale_range=tuple(data.get("scale_range", DEFAULT_SCALE_RANGE)),
+            scale_filter=data.get("scale_filter", DEFAULT_SCALE_FILTER),
+            dtype=data.get("dtype", "float32"),
+            name=data.get("strategy", "dis"),
+        )
+
+    def import_reference(self, flat: Mapping) -> dict:
+        """A reference DIS configuration (same hyperparameter names) checked against this space."""
+        check_reference_keys(dict(flat), self.build_space(),
+                             f"the DIS space of {len(self.models)} experts x repeat {self.repeat}, "
+                             f"{self.n_positions} positions")
+        return {key: (str(value) if not self.float_block_selection and key.endswith("_selection") else value)
+                for key, value in flat.items()}
