@@ -166,3 +166,39 @@ def test_recipes_and_tensor_plans_agree(live_model, zoo):
     spec = TensorSpec("task_arithmetic", {"lambda": 0.7}, tuple({"weight": 1.0} for _ in range(3)))
     materialise_into(other, sources, lambda name: spec)
     assert torch.equal(logits(live_model), logits(other))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_linear_combinations_equal_the_methods(zoo, dtype):
+    """linear / task arithmetic / passthrough evaluated as one sum over the resident tensors (the GPU path, forced
+    here on the CPU) equal the methods' own evaluation up to fp32 rounding, and only those tensors go that way."""
+    from transformers import AutoModelForCausalLM
+
+    from auto_merge.merge.fused import linear_terms
+
+    sources = lambda start, params: [{"model": m, "layer_range": [start, start + 4], "parameters": p}
+                                     for m, p in zip(("zoo:num", "zoo:rev", "zoo:col"), params)]
+    recipe = {"base_model": "zoo:base", "dtype": "float32", "slices": [
+        {"merge_method": "task_arithmetic", "sources": sources(0, [{"weight": 0.7}, {"weight": -0.2}, {"weight": 1.1}]),
+         "parameters": {"lambda": 0.8, "normalize": [{"filter": "mlp", "value": True}, {"value": False}],
+                        "output_scale": [{"filter": "down_proj", "value": 1.3}, {"value": 1.0}]}},
+        {"merge_method": "linear", "sources": sources(4, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
+         "parameters": {"normalize": [{"filter": "self_attn", "value": False}, {"value": True}]}},
+    ]}
+    models = {}
+    for fused in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
+        merger = LiveMerger(model, device="cpu", dtype=dtype, fused=fused)
+        merger.apply(recipe)
+        models[fused] = model
+    plan = merger.compile(recipe)
+    assert all(linear_terms(task) is not None for task in plan.tasks)
+    reference, fused_state = models[False].state_dict(), models[True].state_dict()
+    for name, tensor in reference.items():
+        assert torch.allclose(fused_state[name], tensor, rtol=1e-5, atol=1e-6), name
+    ties = two_group_recipe(0.9, 0.4)
+    assert all(linear_terms(task) is None for task in merger.compile(ties).tasks if task.layer is not None)
+    passthrough = merger.compile({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "zoo:num", "layer_range": [0, 8], "parameters": {"scale": 0.5}}],
+         "parameters": {"output_scale": 3.0}}]})
+    assert {linear_terms(task)[0][1] for task in passthrough.tasks} == {1.5}

@@ -722,3 +722,136 @@ def test_della_mask_frequency_and_inverse_p_expectation():
 def test_della_rejects_out_of_window_density_when_called_directly():
     with pytest.raises(ValueError, match="density - epsilon"):
         sparsify.della_magprune(torch.ones(1, 4), [0.1], [0.15], [sparsify.derive_generator(0, "w", 0)])
+
+
+# --- the fused, chunked GTA pipeline against the stacked reference (the design note's pipeline, step by step)
+def reference_gta(method: str, tensors, base, global_params, per_model_params, seed=0, name="w") -> torch.Tensor:
+    """Stack the task vectors, sparsify them with the stacked sparsify.* functions, weight, elect and mix."""
+    from auto_merge.merge.methods.task_arithmetic import GTA_VARIANTS
+
+    variant = next(v for v in GTA_VARIANTS if v.name == method)
+    params = validate_params(method, global_params, per_model_params)
+    per_model, param = params.per_model, params.global_params.__getitem__
+    deltas = torch.stack(tensors) - base
+    generators = [sparsify.derive_generator(seed, name, i, base.device) for i in range(len(tensors))]
+    if variant.sparsifier == "magnitude":
+        deltas = sparsify.magnitude(deltas, per_model("density"), param("rescale_mode"))
+    elif variant.sparsifier == "bernoulli":
+        deltas = sparsify.bernoulli(deltas, per_model("density"), generators, param("rescale_mode"))
+    elif variant.sparsifier == "magnitude_outliers":
+        deltas = sparsify.magnitude_outliers(deltas, per_model("density"), per_model("gamma"),
+                                             param("rescale_mode"), param("compat_breadcrumbs_empty_slice"))
+    elif variant.sparsifier == "della_magprune":
+        deltas = sparsify.della_magprune(deltas, per_model("density"), per_model("epsilon"), generators,
+                                         param("rescale_mode"))
+    column = torch.tensor(per_model("weight")).reshape(-1, *([1] * base.dim()))
+    weighted = deltas * column
+    if variant.consensus == "sum":
+        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        agree = torch.sign(weighted) == elected
+        mixed = torch.where(agree, weighted, 0.0).sum(dim=0)
+        if param("normalize"):
+            divisor = (agree * column).sum(dim=0)
+            mixed = mixed / torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+    else:
+        mixed = weighted.sum(dim=0)
+        if param("normalize"):
+            divisor = sum(per_model("weight"))
+            mixed = mixed / (divisor if abs(divisor) >= 1e-8 else 1.0)
+    return base + param("lambda") * mixed
+
+
+def gta_inputs(shape, models=3, seed=0, repeats=False):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    experts = [base + 0.05 * torch.randn(shape, generator=generator) for _ in range(models)]
+    if repeats:  # bf16-rounded deltas repeat magnitudes (ties at the cut-offs); some entries equal the base
+        experts = [base + (e - base).bfloat16().float() for e in experts]
+        for expert in experts:
+            expert.view(-1)[::7] = base.view(-1)[::7]
+    return experts, base
+
+
+GTA_CASES = [
+    ("task_arithmetic", {"lambda": 0.7}, [{"weight": w} for w in (1.0, 0.5, -0.3)]),
+    ("task_arithmetic", {"normalize": True}, [{"weight": w} for w in (1.0, 0.5, -0.3)]),
+    ("ties", {}, [{"weight": 1.0, "density": d} for d in (0.5, 0.3, 1.0)]),
+    ("ties", {"normalize": False, "lambda": 1.3}, [{"weight": w, "density": 0.4} for w in (1.0, 0.7, 0.2)]),
+    ("ties", {"rescale_mode": "l1"}, [{"weight": w, "density": 0.4} for w in (1.0, -1.0, 0.5)]),
+    ("ties", {"rescale_mode": "inverse_p"}, [{"weight": 1.0, "density": d} for d in (0.2, 0.6, 0.9)]),
+    ("dare_ties", {}, [{"weight": 1.0, "density": d} for d in (0.5, 0.3, 1.0)]),
+    ("dare_ties", {"normalize": True, "rescale_mode": "inverse_p"}, [{"weight": 1.0, "density": 0.4}] * 3),
+    ("dare_linear", {"rescale_mode": "none"}, [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]),
+    ("dare_linear", {}, [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]),
+    ("breadcrumbs", {}, [{"weight": 1.0, "density": 0.5, "gamma": g} for g in (0.01, 0.1, 0.0)]),
+    ("breadcrumbs_ties", {"rescale_mode": "l1", "compat_breadcrumbs_empty_slice": True},
+     [{"weight": 1.0, "density": 0.5, "gamma": g} for g in (0.01, 0.1, 0.0)]),
+    ("della", {}, [{"weight": 1.0, "density": d, "epsilon": 0.1} for d in (0.5, 0.3, 1.0)]),
+    ("della", {"rescale_mode": "inverse_p"}, [{"weight": 1.0, "density": 0.5}] * 3),
+    ("della_linear", {"rescale_mode": "none"}, [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]),
+    ("della_linear", {}, [{"weight": w, "density": 0.6} for w in (0.5, 0.3, 0.2)]),
+]
+# odd sizes, several CPU chunks with a ragged last one, 0-d, 1-D and 3-D tensors
+GTA_SHAPES = [(), (7,), (1001,), (5, 3, 4), (300, 1000), (129, 2049)]
+
+
+@pytest.mark.parametrize("method, global_params, per_model_params", GTA_CASES)
+@pytest.mark.parametrize("shape", GTA_SHAPES, ids=str)
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "ties"])
+def test_fused_gta_pipeline_matches_the_stacked_reference(method, global_params, per_model_params, shape, repeats):
+    experts, base = gta_inputs(shape, seed=len(shape), repeats=repeats)
+    fused = merge_tensor(method, experts, base, global_params, per_model_params, seed=3, tensor_name="w")
+    expected = reference_gta(method, experts, base, global_params, per_model_params, seed=3, name="w")
+    if global_params.get("rescale_mode", "l1" if method.startswith(("dare", "della")) else "none") == "l1":
+        # the L1 norms are summed in a different order: the factor may differ in its last bits
+        torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+        assert (fused == expected).float().mean() > 0.5
+    else:
+        assert torch.equal(fused, expected)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
+def test_fused_gta_pipeline_does_not_depend_on_the_thread_count(method):
+    experts, base = gta_inputs((700, 1000), seed=9)
+    per_model = [{"weight": 1.0, "density": 0.5}] * 3
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            results.append(merge_tensor(method, experts, base, {"rescale_mode": "l1"}, per_model, seed=1,
+                                        tensor_name="w"))
+        finally:
+            torch.set_num_threads(1)
+    assert torch.equal(results[0], results[1])
+
+
+def test_fused_gta_pipeline_handles_empty_tensors_and_many_models():
+    empty = torch.empty(0, 4)
+    out = merge_tensor("ties", [empty, empty], empty, {}, [{"weight": 1.0, "density": 0.5}] * 2)
+    assert out.shape == (0, 4)
+    experts, base = gta_inputs((3001,), models=9, seed=4)
+    per_model = [{"weight": 0.1 * (i + 1), "density": 0.5} for i in range(9)]
+    fused = merge_tensor("ties", experts, base, {}, per_model)
+    assert torch.equal(fused, reference_gta("ties", experts, base, {}, per_model))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_fused_trims_fall_back_to_the_exact_search_when_a_bracket_misses(method, monkeypatch):
+    experts, base = gta_inputs((300, 1000), seed=2, repeats=True)
+    per_model = [{"weight": 1.0, "density": 0.4, "gamma": 0.05}] * 3 if method == "breadcrumbs" else \
+        [{"weight": 1.0, "density": 0.4}] * 3
+    expected = reference_gta(method, experts, base, {}, per_model)
+    monkeypatch.setattr(sparsify, "bracketed_order_statistics", lambda chunks, count, ks, sample: [None] * len(ks))
+    assert torch.equal(merge_tensor(method, experts, base, {}, per_model), expected)
+
+
+def test_bracketed_order_statistics_are_exact_or_report_a_miss():
+    generator = torch.Generator().manual_seed(1)
+    values = (torch.randn(200_000, generator=generator) * 0.01).bfloat16().float().abs()
+    values[:50_000] = 0.0  # a run of equal values: answered by counting
+    chunks = lambda: iter(values.split(30_001))
+    ks = [1, 50_000, 50_001, 123_456, 200_000]
+    found = sparsify.bracketed_order_statistics(chunks, values.numel(), ks, values[::7])
+    assert found == [float(torch.kthvalue(values, k).values) for k in ks]
+    # a sample that does not represent the values: a miss, never a wrong answer
+    assert sparsify.bracketed_order_statistics(chunks, values.numel(), [150_000], torch.zeros(1000)) == [None]

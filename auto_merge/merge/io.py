@@ -188,16 +188,18 @@ def _read_range(stream, data_start: int, entry: dict, label: str):
     if dtype is None:
         raise ModelInspectionError(f"{label} has the unsupported dtype {entry['dtype']}")
     start, end = entry["data_offsets"]
-    buffer = bytearray(end - start)
-    stream.seek(data_start + start)
-    if stream.readinto(buffer) != len(buffer):
-        raise ModelInspectionError(f"{label}: the file ends inside the tensor's data")
     torch_dtype = getattr(torch, dtype[0])
-    if not buffer:
+    if end == start:
         return torch.empty(entry["shape"], dtype=torch_dtype)
     if sys.byteorder != "little":  # safetensors stores little-endian
         raise ModelInspectionError("reading safetensors on a big-endian machine is not supported")
-    return torch.frombuffer(buffer, dtype=torch_dtype).reshape(entry["shape"])
+    # Read straight into the tensor's own (uninitialised) storage: a bytearray would be zero-filled first, which
+    # costs as much again as the read.
+    buffer = torch.empty(end - start, dtype=torch.uint8)
+    stream.seek(data_start + start)
+    if stream.readinto(memoryview(buffer.numpy())) != end - start:
+        raise ModelInspectionError(f"{label}: the file ends inside the tensor's data")
+    return buffer.view(torch_dtype).reshape(entry["shape"])
 
 
 # ------------------------------------------------------------------------------------------------------ writing

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from auto_merge.merge.engine import merge_task
+from auto_merge.merge.fused import combine_into, linear_terms, resident_terms
 from auto_merge.merge.methods import get_method, merge_tensor
 from auto_merge.merge.plan import (
     DEPTH_KEYS,
@@ -145,6 +146,13 @@ class ResidentModels:
         if name in self._deltas[model.ref]:
             return self._state(self.anchor)[name] + stored.to(torch.float32)
         return stored
+
+    def stored_terms(self, model: SourceModel, name: str) -> list[tuple[torch.Tensor, float]]:
+        """The stored tensors whose sum is ``tensor(model, name)``: the tensor itself, or anchor + task vector."""
+        stored = self._state(model)[name]
+        if name in self._deltas[model.ref]:
+            return [(self._state(self.anchor)[name], 1.0), (stored, 1.0)]
+        return [(stored, 1.0)]
 
     def _state(self, model: SourceModel) -> dict[str, torch.Tensor]:
         state = self._states.get(model.ref)
@@ -277,15 +285,19 @@ class LiveMerger:
     """Writes merge candidates (recipes or plans) into one live model in place, recomputing only changed tensors."""
 
     def __init__(self, model: torch.nn.Module, catalog: ModelCatalog | None = None, *, device: str = "auto",
-                 dtype: torch.dtype = torch.float32, task_vectors: bool = True):
+                 dtype: torch.dtype = torch.float32, task_vectors: bool = True, fused: bool | None = None):
         """``dtype``: how sources are kept. With a 16-bit dtype and ``task_vectors``, the first plan's base stays
         fp32 and the other models are kept as 16-bit task vectors against it; without, every model is kept as
-        16-bit weights (half the memory of the base's fp32 copy, less precise task vectors)."""
+        16-bit weights (half the memory of the base's fp32 copy, less precise task vectors). ``fused``: evaluate
+        linear combinations (linear, task arithmetic, passthrough) in one pass over the resident tensors
+        (:mod:`auto_merge.merge.fused`; equal up to fp32 rounding); None = on a GPU only, so that CPU results stay
+        bit-identical to the streaming engine's."""
         self.model = model
         self.catalog = catalog or ModelCatalog()
         self.preferred_device = device
         self.dtype = dtype
         self.task_vectors = task_vectors
+        self.fused = fused
         self.resident: ResidentModels | None = None
         self.depth = LiveDepth(model)
         self._applied: dict[str, Any] = {}
@@ -314,6 +326,10 @@ class LiveMerger:
         def fetch(tensor_input: TensorInput) -> torch.Tensor:
             return resident.tensor(plan.models[tensor_input.model], tensor_input.name)
 
+        def expand(tensor_input: TensorInput) -> list[tuple[torch.Tensor, float]]:
+            return resident.stored_terms(plan.models[tensor_input.model], tensor_input.name)
+
+        fused_ok = self.fused if self.fused is not None else resident.device.type == "cuda"
         recomputed, reused = [], []
         for task in plan.tasks:
             if task.name in tied:
@@ -322,9 +338,13 @@ class LiveMerger:
             if self._applied.get(task.name) == key:
                 reused.append(task.name)
                 continue
-            merged = merge_task(task, fetch, seed=seed, device=resident.device)
             target = targets[task.name]
-            target.copy_(merged.to(device=target.device, dtype=target.dtype))
+            terms = linear_terms(task) if fused_ok else None
+            if terms is not None:
+                combine_into(target, resident_terms(task, terms, expand))
+            else:
+                merged = merge_task(task, fetch, seed=seed, device=resident.device)
+                target.copy_(merged.to(device=target.device, dtype=target.dtype))
             self._applied[task.name] = key
             recomputed.append(task.name)
         return LiveUpdate(tuple(recomputed), tuple(reused), tuple(sorted(tied)), time.perf_counter() - started)

@@ -76,31 +76,132 @@ def elect_sign_mask(stacked: Tensor) -> Tensor:
     return torch.sign(stacked) == elected_sign
 
 
-def mix_task_vectors(weighted: Tensor, weights: list[float], consensus: str, normalize: bool) -> Tensor:
-    """Step 4-5 of the GTA pipeline (without lambda): combine the weighted task vectors W_i = w_i * delta_i."""
-    if consensus == "sum":
-        agree = elect_sign_mask(weighted)
-        mixed = torch.where(agree, weighted, 0.0).sum(dim=0)
-        if normalize:
-            divisor = (agree * per_model_column(weights, weighted)).sum(dim=0)
-            divisor = torch.where(divisor.abs() < DIVISOR_FLOOR, 1.0, divisor)
-            mixed = mixed / divisor
-        return mixed
+# --- the fused, chunked GTA pipeline
+# On the CPU every step runs over chunks of this many elements, in buffers allocated once per tensor: the temporaries
+# stay in cache and no step allocates (a fresh 100 MB tensor costs more in page faults than the arithmetic on it).
+# On CUDA a chunk is the whole tensor: the device has the bandwidth, and its random streams depend on the call
+# shape, so drawing per chunk would change DARE/DELLA masks.
+CPU_CHUNK_ELEMENTS = 1 << 17
+
+
+def chunk_elements(numel: int, device: torch.device) -> int:
+    return max(1, numel if device.type != "cpu" else min(numel, CPU_CHUNK_ELEMENTS))
+
+
+def mix_chunk(weighted: Tensor, weights: list[float], weight_column: Tensor, consensus: str, normalize: bool,
+              out: Tensor) -> Tensor:
+    """Step 4-5 of the GTA pipeline (without lambda) on one chunk of stacked W_i = w_i * delta_i ([N, L]).
+
+    ``weighted`` is used as scratch; ``weight_column`` is ``weights`` as an fp32 [N, 1] column. Writes the mix into
+    ``out`` ([L]). The sums run over the same [N, L] layout as the stacked form, so they round alike, and masks are
+    fp32 0/1 values rather than booleans (comparisons into bool tensors and torch.where are several times slower).
+    """
     if consensus == "none":
-        mixed = weighted.sum(dim=0)
+        torch.sum(weighted, dim=0, out=out)
         if normalize:
             divisor = sum(weights)
-            mixed = mixed / (divisor if abs(divisor) >= DIVISOR_FLOOR else 1.0)
-        return mixed
-    raise ValueError(f"consensus must be one of {CONSENSUS_CHOICES}, got {consensus!r}")
+            out.div_(divisor if abs(divisor) >= DIVISOR_FLOOR else 1.0)
+        return out
+    if consensus != "sum":
+        raise ValueError(f"consensus must be one of {CONSENSUS_CHOICES}, got {consensus!r}")
+    # Elected sign s = +1 where sum_i W_i >= 0, else -1. copysign gives -1 for a sum of -0.0, which needs every W_i
+    # to be zero, and then no entry agrees either way.
+    total = torch.sum(weighted, dim=0, out=out)
+    elected = torch.copysign(torch.ones_like(total), total)
+    # t_i = s * W_i > 0 exactly where sign(W_i) == s, and sum_i W_i [agree] = s * sum_i relu(t_i) (negation is exact).
+    aligned = weighted.mul_(elected)
+    agree = torch.gt(aligned, 0, out=torch.empty_like(aligned)) if normalize else None
+    torch.sum(aligned.clamp_min_(0), dim=0, out=out).mul_(elected)
+    if normalize:
+        divisor = torch.sum(agree.mul_(weight_column), dim=0, out=elected)
+        # divisor = 1 where |divisor| < floor: divisor * usable + (1 - usable), with usable a 0/1 float.
+        usable = torch.ge(divisor.abs(), DIVISOR_FLOOR, out=agree[0])
+        divisor.mul_(usable).add_(usable.neg_().add_(1))
+        out.div_(divisor)
+    return out
+
+
+def gta_merge(
+    inputs: MergeInputs,
+    consensus: str,
+    *,
+    sparsifier: str | None = None,
+    deltas: Tensor | None = None,
+) -> Tensor:
+    """The GTA pipeline for one tensor: out = base + lambda * mix_i(w_i * sparsify(x_i - base)).
+
+    ``deltas`` ([N, *shape]) replaces x_i - base when the task vectors were transformed first (fourier).
+    Nothing of size [N, *shape] is allocated on the CPU: task vectors are rebuilt chunk by chunk.
+    """
+    base = inputs.base.contiguous()
+    shape, device, numel = base.shape, base.device, base.numel()
+    models = len(inputs.tensors)
+    out = torch.empty_like(base)
+    if numel == 0:
+        return out
+    base_flat, out_flat = base.view(-1), out.view(-1)
+    if deltas is not None:
+        delta_flats = deltas.reshape(models, -1)
+
+        def task_vector(index: int, start: int, end: int, target: Tensor) -> Tensor:
+            return target.copy_(delta_flats[index, start:end])
+
+        def task_vector_sample(index: int, stride: int) -> Tensor:
+            return delta_flats[index, ::stride].clone()
+    else:
+        model_flats = [tensor.contiguous().view(-1) for tensor in inputs.tensors]
+
+        def task_vector(index: int, start: int, end: int, target: Tensor) -> Tensor:
+            return torch.sub(model_flats[index][start:end], base_flat[start:end], out=target)
+
+        def task_vector_sample(index: int, stride: int) -> Tensor:
+            return model_flats[index][::stride] - base_flat[::stride]
+
+    step = chunk_elements(numel, device)
+    trimmer = None
+    if sparsifier is not None:
+        trimmer = sparsify.ChunkedSparsifier(
+            sparsifier, shape, device, task_vector, task_vector_sample,
+            densities=inputs.per_model("density"),
+            rescale_mode=inputs.param("rescale_mode"),
+            gammas=inputs.per_model("gamma") if sparsifier == "magnitude_outliers" else None,
+            epsilons=inputs.per_model("epsilon") if sparsifier == "della_magprune" else None,
+            generators=inputs.generators() if sparsifier in ("bernoulli", "della_magprune") else None,
+            compat_empty_slice=sparsifier == "magnitude_outliers" and inputs.param("compat_breadcrumbs_empty_slice"),
+            chunk_elements=step,
+        )
+        step = trimmer.chunk_elements_for_kind()
+    weights = inputs.per_model("weight")
+    weight_column = torch.tensor(weights, dtype=torch.float32, device=device).reshape(-1, 1)
+    rescale = trimmer.rescale_column() if trimmer is not None else None
+    rescale_column = None
+    if rescale is not None and any(value != 1.0 for value in rescale[1]):
+        rescale_column = torch.tensor(rescale[1], dtype=torch.float32, device=device).reshape(-1, 1)
+    normalize, scale = inputs.param("normalize"), inputs.param("lambda")
+
+    buffer = torch.empty(models, min(step, numel), dtype=torch.float32, device=device)
+    mixed_buffer = torch.empty(min(step, numel), dtype=torch.float32, device=device)
+    for start in range(0, numel, step):
+        end = min(start + step, numel)
+        weighted, mixed = buffer[:, : end - start], mixed_buffer[: end - start]
+        for index in range(models):
+            task_vector(index, start, end, weighted[index])
+            if trimmer is not None:
+                trimmer.apply(index, start, end, weighted[index])
+        if rescale_column is not None:
+            if rescale[0] == "mul":
+                weighted.mul_(rescale_column)
+            else:
+                weighted.div_(rescale_column)
+        weighted.mul_(weight_column)
+        mix_chunk(weighted, weights, weight_column, consensus, normalize, mixed)
+        torch.add(base_flat[start:end], mixed.mul_(scale), out=out_flat[start:end])
+    return out
 
 
 def finish_task_arithmetic(inputs: MergeInputs, deltas: Tensor, consensus: str) -> Tensor:
-    """Weight, mix and add lambda * mixed to the base."""
-    weights = inputs.per_model("weight")
-    weighted = deltas * per_model_column(weights, deltas)
-    mixed = mix_task_vectors(weighted, weights, consensus, inputs.param("normalize"))
-    return inputs.base + inputs.param("lambda") * mixed
+    """Weight, mix and add lambda * mixed to the base, for already computed task vectors ``deltas``."""
+    return gta_merge(inputs, consensus, deltas=deltas)
 
 
 @dataclass(frozen=True)
@@ -127,24 +228,6 @@ GTA_VARIANTS = (
 )
 
 
-def sparsify_task_vectors(inputs: MergeInputs, deltas: Tensor, sparsifier: str | None) -> Tensor:
-    if sparsifier is None:
-        return deltas
-    densities = inputs.per_model("density")
-    mode = inputs.param("rescale_mode")
-    if sparsifier == "magnitude":
-        return sparsify.magnitude(deltas, densities, mode)
-    if sparsifier == "bernoulli":
-        return sparsify.bernoulli(deltas, densities, inputs.generators(), mode)
-    if sparsifier == "magnitude_outliers":
-        return sparsify.magnitude_outliers(
-            deltas, densities, inputs.per_model("gamma"), mode, inputs.param("compat_breadcrumbs_empty_slice")
-        )
-    if sparsifier == "della_magprune":
-        return sparsify.della_magprune(deltas, densities, inputs.per_model("epsilon"), inputs.generators(), mode)
-    raise ValueError(f"unknown sparsifier {sparsifier!r}")
-
-
 def check_della_window(params: ResolvedParams) -> None:
     for index, model in enumerate(params.per_model_params):
         density, epsilon = model["density"], model["epsilon"]
@@ -166,8 +249,7 @@ def _register_gta(variant: GtaVariant) -> None:
         params.append(EPSILON)
 
     def merge(inputs: MergeInputs) -> Tensor:
-        deltas = sparsify_task_vectors(inputs, task_vectors(inputs), variant.sparsifier)
-        return finish_task_arithmetic(inputs, deltas, variant.consensus)
+        return gta_merge(inputs, variant.consensus, sparsifier=variant.sparsifier)
 
     merge.__name__ = variant.name
     merge.__doc__ = variant.summary
