@@ -60,6 +60,22 @@ def ms(seconds: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def profile_candidate(merger, recipe: dict, device: torch.device, method: str, top: int = 18) -> None:
+    """One candidate under torch.profiler: the operators with the most self time (device time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    merger.invalidate()
+    with profile(activities=activities) as prof:
+        merger.apply(recipe)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"  profile of one {method} candidate, by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48))
+    if device.type == "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=48))
+
+
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 7) -> float:
     """Best `dst.copy_(src)` bandwidth in bytes/s, counting bytes read + bytes written."""
     n = nbytes // 4
@@ -231,6 +247,8 @@ def main() -> None:
                         help="buffer size of the copy-bandwidth measurement (default 1 GiB cpu, 4 GiB cuda)")
     parser.add_argument("--check-parity", action="store_true",
                         help="once per method: the recipe and plan paths must write identical weights")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more candidate per method (torch.profiler) and print the top operators")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -302,6 +320,8 @@ def main() -> None:
                 sync(device)
                 if k >= args.warmup:
                     times.append(time.perf_counter() - t0)
+            if args.profile:
+                profile_candidate(merger, strategy.decode(draw_values(strategy, method, rng)), device, method)
             load_avg.append(os.getloadavg())
             med, best = statistics.median(times), min(times)
             ratio = med / roofline_s

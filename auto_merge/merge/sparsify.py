@@ -15,9 +15,10 @@ Counts such as ``k = floor(density * numel)`` are computed as ``floor(density * 
 keeps 29 entries rather than the 28 that the float product 28.999999999999996 would give. mergekit truncates the raw
 product.
 
-Magnitude thresholds come from k-th order statistics, never from a full sort: on the CPU a bracket estimated from a
-strided sample plus one counting pass and ``torch.kthvalue`` over the few values inside it (exact; a missed bracket
-falls back to a radix pre-selection plus ``torch.kthvalue``), elsewhere ``torch.kthvalue``. Every entry whose magnitude equals the threshold is kept, as in the official TIES code. When magnitudes repeat
+Magnitude thresholds come from k-th order statistics, never from a full sort: a bracket estimated from a strided
+sample, one counting pass and ``torch.kthvalue`` over the few values inside it (exact; a missed bracket falls back to a
+radix pre-selection plus ``torch.kthvalue``), on the CPU and the GPU alike. Every entry whose magnitude equals the
+threshold is kept, as in the official TIES code. When magnitudes repeat
 (deltas of bf16 weights), slightly more than k entries can therefore survive. mergekit's ``topk`` keeps exactly k and
 breaks ties arbitrarily.
 """
@@ -65,10 +66,19 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     count = values.numel()
     if not 1 <= k <= count:
         raise ValueError(f"k={k} is out of range for {count} values")
-    if values.device.type != "cpu" or values.dtype != torch.float32 or count < _RADIX_MIN_ELEMENTS:
-        return torch.kthvalue(values, k).values
+    if values.dtype != torch.float32 or count < _RADIX_MIN_ELEMENTS:
+        return small_kth(values, k)
     bracketed = _kth_smallest_bracketed(values, k)
     return bracketed if bracketed is not None else _kth_smallest_radix(values, k)
+
+
+def small_kth(values: Tensor, k: int) -> Tensor:
+    """The k-th smallest of a small 1-D tensor (a sample, a bracket's contents): ``torch.kthvalue`` on the CPU; a sort
+    on a GPU, whose kthvalue takes milliseconds even for a few thousand values (a radix sort of them takes
+    microseconds)."""
+    if values.device.type == "cpu":
+        return torch.kthvalue(values, k).values
+    return torch.sort(values).values[k - 1]
 
 
 def _kth_smallest_radix(values: Tensor, k: int) -> Tensor:
@@ -77,10 +87,10 @@ def _kth_smallest_radix(values: Tensor, k: int) -> Tensor:
     cumulative = torch.bincount(buckets, minlength=1 << (31 - _RADIX_SHIFT)).cumsum(0)
     bucket = int(torch.searchsorted(cumulative, torch.tensor(k, dtype=cumulative.dtype)))
     preceding = int(cumulative[bucket - 1]) if bucket > 0 else 0
-    return torch.kthvalue(values[buckets == bucket], k - preceding).values
+    return small_kth(values[buckets == bucket], k - preceding)
 
 
-# Bracketing (CPU): the k-th value is located in a strided sample of about this many values, a bracket
+# Bracketing (any device): the k-th value is located in a strided sample of about this many values, a bracket
 # [lower, upper] around it is widened by this many standard deviations of the sample rank, and one pass (in chunks of
 # _BRACKET_CHUNK, with 0/1 float masks: fast, unlike boolean ones) counts the values below it and gathers those
 # inside it (about 3% of them). kthvalue costs ~17 ns per value it sees, so the sample size balances the two.
@@ -121,8 +131,8 @@ def bracketed_order_statistics(chunks, count: int, ks: Sequence[int], sample: Te
         center = quantile * size
         margin = _BRACKET_SIGMAS * math.sqrt(size * quantile * (1 - quantile)) + 16
         lower_rank, upper_rank = math.floor(center - margin), math.ceil(center + margin)
-        lower = float(torch.kthvalue(sample, lower_rank).values) if lower_rank >= 1 else -math.inf
-        upper = float(torch.kthvalue(sample, upper_rank).values) if upper_rank <= size else math.inf
+        lower = float(small_kth(sample, lower_rank)) if lower_rank >= 1 else -math.inf
+        upper = float(small_kth(sample, upper_rank)) if upper_rank <= size else math.inf
         brackets.append((lower, upper))
     below_counts, inside_counts = [0] * len(ks), [0] * len(ks)
     selected: list[list[Tensor]] = [[] for _ in ks]
@@ -151,7 +161,7 @@ def bracketed_order_statistics(chunks, count: int, ks: Sequence[int], sample: Te
         elif candidates is None:
             found.append(lower)
         else:
-            found.append(float(torch.kthvalue(candidates, k - below_count).values))
+            found.append(float(small_kth(candidates, k - below_count)))
     return found
 
 
@@ -473,9 +483,9 @@ class ChunkedSparsifier:
     def _order_statistics(self, index: int, ranks: list[int]) -> list[Tensor]:
         """The given order statistics (1-based, ascending) of model ``index``'s |task vector|, as 0-d tensors.
 
-        On the CPU one pass over the chunks brackets them from a strided sample; the whole |task vector| is
-        materialised only when a bracket misses (or on other devices, where kthvalue runs on the whole tensor)."""
-        stride = sample_stride(self.numel) if self.device.type == "cpu" else None
+        One pass over the chunks brackets them from a strided sample; the whole |task vector| is materialised only
+        when a bracket misses. (A GPU's kthvalue sorts: on a whole 7B-shaped tensor it takes seconds.)"""
+        stride = sample_stride(self.numel)
         found: list = [None] * len(ranks)
         if stride is not None:
             sample = self.task_vector_sample(index, stride).abs_()

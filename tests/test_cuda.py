@@ -1,0 +1,48 @@
+"""The GPU paths (run where CUDA is available; CI machines have none, so these are skipped there): the fused
+one-pass linear combinations and the GPU methods agree with the CPU evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from auto_merge.merge.fused import combine_into
+from auto_merge.merge.methods import merge_tensor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("terms", [1, 3, 6, 9])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_triton_combination_equals_the_torch_sum(terms, out_dtype):
+    generator = torch.Generator(device="cuda").manual_seed(terms)
+    shape = (1000, 77)  # not a multiple of the kernel's block
+    tensors = [torch.randn(shape, device="cuda", generator=generator).to(torch.bfloat16 if k % 2 else torch.float32)
+               for k in range(terms)]
+    coefficients = [0.5 - 0.3 * k for k in range(terms)]
+    expected = sum(t.double() * c for t, c in zip(tensors, coefficients))
+    out = torch.empty(shape, device="cuda", dtype=out_dtype)
+    combine_into(out, list(zip(tensors, coefficients)))
+    tolerance = 1e-5 if out_dtype == torch.float32 else 1e-2
+    assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),
+    ("dare_ties", {"density": 0.5}),
+    ("della", {"density": 0.5}),
+    ("breadcrumbs", {"density": 0.8}),
+])
+def test_gpu_methods_agree_with_the_cpu(method, params):
+    """Deterministic methods give the CPU's result; random ones the same statistics (CUDA generators differ)."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 384, generator=generator)
+    experts = [base + 0.05 * torch.randn(512, 384, generator=generator) for _ in range(3)]
+    per_model = [{"weight": 1.0, **params}] * 3
+    cpu = merge_tensor(method, experts, base, {"lambda": 0.9}, per_model, seed=1, tensor_name="w")
+    gpu = merge_tensor(method, [e.cuda() for e in experts], base.cuda(), {"lambda": 0.9}, per_model, seed=1,
+                       tensor_name="w").cpu()
+    if method in ("ties", "breadcrumbs"):
+        assert torch.allclose(gpu, cpu, rtol=1e-5, atol=1e-6)
+    else:
+        assert abs((gpu - base).abs().mean() / (cpu - base).abs().mean() - 1) < 0.05
