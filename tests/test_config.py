@@ -187,6 +187,26 @@ def test_reference_lfs_config_validates_with_model_aliases_in_the_file(tmp_path,
     assert config.model_paths["meta-llama/Llama-2-13b-hf"] == Path(reference_aliases["meta-llama/Llama-2-13b-hf"])
 
 
+@pytest.mark.parametrize("config_name,found,depth", [
+    ("config_dis.yaml", "dis/single-obj/lm-dis0.json", 47),
+    ("config_prune.yaml", "prune/13b/1.json", 30),
+])
+def test_reference_depth_configurations_replay_to_checkpoints(tmp_path, reference_aliases, config_name, found, depth):
+    """The reference's published DIS and prune configurations, given its experiment config (models mapped to tiny
+    40-layer stand-ins), replay into checkpoints of the depth their layer lists give."""
+    from transformers import AutoConfig
+
+    from auto_merge.search.replay import replay
+
+    shutil.copytree(REFERENCE_CONFIGS, tmp_path / "exp", dirs_exist_ok=True)
+    config_file = tmp_path / "exp" / config_name
+    aliases = "".join(f'    "{hub_id}": "{path}"\n' for hub_id, path in reference_aliases.items())
+    config_file.write_text(config_file.read_text().replace("global_params:\n", "global_params:\n  model_aliases:\n"
+                                                                               + aliases, 1))
+    replay(DATA / "reference" / "search_config" / found, tmp_path / "out", config_path=config_file)
+    assert AutoConfig.from_pretrained(tmp_path / "out").num_hidden_layers == depth
+
+
 def test_reference_lfs_config_without_aliases_says_model_is_not_available_offline():
     with pytest.raises(ConfigError) as caught:
         load_experiment(REFERENCE_CONFIGS / "config_lfs.yaml", build_zoo=False)
