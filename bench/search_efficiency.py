@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIMIZERS = ("hyperband", "random", "bo")
+OPTIMIZERS = ("hyperband", "successive_halving", "random", "bo")
 
 
 def write_config(folder: Path, optimizer: str, seed: int, total_examples: float, full_examples: int) -> Path:
@@ -168,15 +168,17 @@ def main() -> None:
               f"{sum(w > ties.mean for w in winners)}/{len(winners)}"
               + (f"; low/high budget rank correlation mean {statistics.fmean(correlations):.2f}" if correlations
                  else ""))
-    if "hyperband" in runs and "random" in runs:
+    for multi_fidelity in ("hyperband", "successive_halving"):
+        if multi_fidelity not in runs or "random" not in runs:
+            continue
         target = statistics.fmean(best_at(r["curve"], total) or 0 for r in runs["random"])
         needed = []
-        for r in runs["hyperband"]:
+        for r in runs[multi_fidelity]:
             reached = [spent for spent, b in r["curve"] if b is not None and b >= target]
             needed.append(reached[0] / total if reached else None)
         text = ", ".join(f"{n:.2f}" if n is not None else "never" for n in needed)
-        print(f"compute MF-BO needs to reach random search's final best ({target:.3f}), as a share of the budget: "
-              f"{text}")
+        print(f"compute {multi_fidelity} needs to reach random search's final best ({target:.3f}), as a share of "
+              f"the budget: {text}")
     (args.out / "summary.json").write_text(json.dumps({"runs": runs, "levels": levels, "means": means}, indent=1))
     import matplotlib
 

@@ -199,3 +199,14 @@ def test_random_search_and_full_fidelity_bo_run(tmp_path):
         result = run_search(config, show_progress=False, write_model=False, run_name=optimizer)
         trials = read_trials(result.run_dir / "trials.jsonl")
         assert len(trials) == 4 and all(t["budget"] is None for t in trials), optimizer
+
+
+def test_successive_halving_starts_every_configuration_at_the_smallest_budget(tmp_path):
+    # One successive-halving round for min 100, max 1000, eta 3: 9@111, 3@333, 1@1000 = 13 trials, 3000 examples.
+    assert trials_for_total_budget(3000, 100, 1000, 3, "successive_halving") == 13
+    config = write_config(tmp_path, n_trials=13, optimizer="successive_halving", name="sh.yaml")
+    result = run_search(config, show_progress=False, write_model=False)
+    budgets = [t["budget"] for t in read_trials(result.run_dir / "trials.jsonl")]
+    # min 10, max 30: each round is 3 new configurations at 10 and the best promoted to 30 (Hyperband would also
+    # run brackets that start new configurations at 30).
+    assert budgets == [10.0, 10.0, 10.0, 30.0] * 3 + [10.0]

@@ -547,8 +547,10 @@ class SearchSettings(StrictModel):
     eta: int = Field(3, ge=2, description="Hyperband eta")
     n_workers: int = Field(4, ge=1, description="Parallel workers (one accelerator each)")
     random_init_points: int = Field(0, ge=0, description="Random configurations added to the initial design")
-    optimizer: Literal["hyperband", "bo", "random"] = Field(
+    optimizer: Literal["hyperband", "successive_halving", "bo", "random"] = Field(
         "hyperband", description="New. hyperband: multi-fidelity BO (SMAC Hyperband over budgets, the default); "
+                                 "successive_halving: multi-fidelity BO repeating Hyperband's most aggressive "
+                                 "bracket (every new configuration starts at min_budget); "
                                  "bo: BO with every trial at max_budget; random: random search at max_budget")
     dask_scheduler: Optional[str] = Field(
         None, description="New. Address of an existing dask scheduler (e.g. tcp://host:8786) to run trials on "

@@ -28,6 +28,7 @@ from auto_merge.search.trial import TrialSpec, TrialTarget
 SMAC_NAME = "smac"
 RUN_MANIFEST = "run.json"
 TRIALS_LOG = "trials.jsonl"
+MULTI_FIDELITY = ("hyperband", "successive_halving")
 CRASH_COST = 1.0  # every task cost is in [0, 1] (1 - score), so a failed trial counts as the worst possible
 
 
@@ -58,9 +59,11 @@ def hyperband_round(min_budget: float, max_budget: float, eta: int) -> list[tupl
 def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: float, eta: int,
                             optimizer: str) -> int:
     """`n_trials: 0` means: as many trials as `total_budget` examples pay for."""
-    if optimizer != "hyperband":
+    if optimizer not in MULTI_FIDELITY:
         return max(1, int(total_budget // max_budget))
     stages = hyperband_round(min_budget, max_budget, eta)
+    if optimizer == "successive_halving":  # Hyperband's first (most aggressive) bracket, repeated
+        stages = stages[: int(math.floor(math.log(max_budget / min_budget) / math.log(eta) + 1e-9)) + 1]
     trials = sum(n for n, _ in stages)
     cost = sum(n * b for n, b in stages)
     return max(1, int(total_budget / cost * trials))
@@ -128,19 +131,23 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
     )
     if objectives:
         scenario_kwargs["objectives"] = objectives
-    if block.optimizer == "hyperband":
+    if block.optimizer in MULTI_FIDELITY:
         scenario_kwargs.update(min_budget=block.min_budget, max_budget=block.max_budget)
     scenario = Scenario(**scenario_kwargs)
     target = TrialTarget(spec)
     common = dict(overwrite=False, logging_level=40, callbacks=callbacks, dask_client=dask_client)
     if objectives:
         common["multi_objective_algorithm"] = ParEGO(scenario)
-    if block.optimizer == "hyperband":
+    if block.optimizer in MULTI_FIDELITY:
+        from smac.intensifier.successive_halving import SuccessiveHalving
+
         facade = MultiFidelityFacade
-        intensifier = facade.get_intensifier(
-            scenario, eta=block.eta,
-            # Multi-objective with budgets fails an assertion with the default selection (SMAC issue #1050).
-            incumbent_selection="highest_budget" if objectives else "highest_observed_budget")
+        # Multi-objective with budgets fails an assertion with the default selection (SMAC issue #1050).
+        selection = "highest_budget" if objectives else "highest_observed_budget"
+        if block.optimizer == "hyperband":
+            intensifier = facade.get_intensifier(scenario, eta=block.eta, incumbent_selection=selection)
+        else:
+            intensifier = SuccessiveHalving(scenario, eta=block.eta, incumbent_selection=selection)
     elif block.optimizer == "bo":
         facade = HyperparameterOptimizationFacade
         intensifier = facade.get_intensifier(scenario, max_config_calls=1)
