@@ -6,7 +6,8 @@
 Builds (once, cached) a ~170M-parameter Llama base + 3 experts (`bench/make_models.py`), writes one mergekit YAML per
 method (base + 3 experts, fp32 out), runs both engines on it as subprocesses, alternately, `--repeats` times each,
 and prints per method: the minimum wall time (`time.perf_counter` around the subprocess, interpreter start and
-imports included), the CPU time of that run, the peak RSS of the child (`os.wait4` rusage, ru_maxrss), the machine
+imports included), the CPU time of that run, the peak RSS of the child (`os.wait4` rusage, ru_maxrss; children
+are started by a small helper process, since Linux carries the forking process's peak RSS across execve), the machine
 load (`os.getloadavg`) before each run, the max abs difference between the two outputs (tensor by tensor) and how
 many elements differ beyond fp32 rounding (more than 8 ulp of the largest of the two values and the base's value).
 dare_ties is random, so only statistics are compared there (fraction of entries left at the base value, norm of the
@@ -80,20 +81,39 @@ def recipe_text(method: str, models: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- running
 
-def run_timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Wall time, CPU time and peak RSS (bytes) of one child process (and the children it waited for)."""
-    load = os.getloadavg()[0]
-    with open(log, "w") as out:
+# A small helper process that starts the timed children. Linux carries a process's peak RSS across execve (the
+# child of a fork inherits the parent's high-water mark), so children forked by this script, which holds the
+# outputs it compares, would report this script's peak RSS instead of their own. Children forked by a fresh,
+# small helper report their own.
+SPAWNER = r"""
+import json, os, subprocess, sys, time
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["log"], "w") as out:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        proc = subprocess.Popen(job["cmd"], stdout=out, stderr=subprocess.STDOUT, env=job["env"], cwd=job["cwd"])
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+    print(json.dumps({"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
+                      "returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+_spawner: subprocess.Popen | None = None
+
+
+def run_timed(cmd: list[str], env: dict, log: Path) -> dict:
+    """Wall time, CPU time and peak RSS (bytes) of one child process (and the children it waited for)."""
+    global _spawner
+    if _spawner is None:
+        _spawner = subprocess.Popen([sys.executable, "-c", SPAWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True)
+    load = os.getloadavg()[0]
+    _spawner.stdin.write(json.dumps({"cmd": cmd, "env": env, "log": str(log), "cwd": str(REPO)}) + "\n")
+    _spawner.stdin.flush()
+    result = json.loads(_spawner.stdout.readline())
+    if result.pop("returncode") != 0:
         tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); log {log}:\n{tail}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024,
-            "load_before": load, "load_after": os.getloadavg()[0]}
+        raise RuntimeError(f"{' '.join(cmd)} failed; log {log}:\n{tail}")
+    return {**result, "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 def thread_env(threads: int) -> dict:

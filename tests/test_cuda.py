@@ -27,6 +27,22 @@ def test_triton_combination_equals_the_torch_sum(terms, out_dtype):
     assert torch.allclose(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_gpu_task_arithmetic_combination_equals_the_cpu():
+    """A relative (task-arithmetic) combination goes through the kernel in its expanded form; it agrees with the
+    CPU's chunked evaluation up to fp32 rounding."""
+    from auto_merge.merge.fused import LinearForm, combination
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1000, 77, generator=generator)
+    experts = [base + 0.05 * torch.randn(1000, 77, generator=generator) for _ in range(3)]
+    form = LinearForm((0.7, -0.2, 1.1), base_coefficient=1.0)
+    cpu = torch.empty_like(base)
+    combine_into(cpu, combination(form, (base, None), [(x, None) for x in experts]))
+    gpu = torch.empty_like(base, device="cuda")
+    combine_into(gpu, combination(form, (base.cuda(), None), [(x.cuda(), None) for x in experts]))
+    assert torch.allclose(gpu.cpu(), cpu, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("method,params", [
     ("ties", {"density": 0.3}),
     ("dare_ties", {"density": 0.5}),

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from auto_merge.cli import main
+from auto_merge.merge.fused import combination, combine_into, linear_coefficients
 from auto_merge.merge.engine import MERGEKIT_FILE, RECIPE_FILE, merge_to_disk, prepare_plan, run_recipe
 from auto_merge.merge.io import CheckpointReader, parse_size
 from auto_merge.merge.methods import merge_tensor
@@ -57,6 +58,22 @@ def output_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def fused_reference(method, tensors, base, global_params, per_model_params):
+    """What the engine computes for a fixed linear combination (auto_merge.merge.fused), from the tensors alone."""
+    form = linear_coefficients(method, global_params, per_model_params, has_base=base is not None)
+    out = torch.empty(tensors[0].shape)
+    return combine_into(out, combination(form, (base, None) if base is not None else None,
+                                         [(tensor, None) for tensor in tensors]))
+
+
+def within_fp32_rounding(actual, expected, *operands, ulps=8):
+    """|actual - expected| <= ulps ulp of the largest of |expected| and the operands' magnitudes there."""
+    magnitude = expected.abs()
+    for operand in operands:
+        magnitude = torch.maximum(magnitude, operand.abs())
+    return bool(((actual.float() - expected).abs() <= ulps * 2.0 ** -23 * magnitude).all())
+
+
 def load_and_generate(folder: Path):
     from transformers import AutoModelForCausalLM
 
@@ -88,8 +105,11 @@ def test_linear_merge_equals_the_closed_form(merged, zoo_state):
     num, rev, col = (zoo_state[m][name] for m in ("num", "rev", "col"))
     closed_form = (1.0 * num + 0.3 * rev + 0.5 * col) / 1.8
     torch.testing.assert_close(out.float(), closed_form, atol=2e-3, rtol=2e-3)  # fp16 output
-    registry = merge_tensor("linear", [num, rev, col], None, {}, [{"weight": 1.0}, {"weight": 0.3}, {"weight": 0.5}])
-    assert torch.equal(out, registry.half())
+    per_model = [{"weight": 1.0}, {"weight": 0.3}, {"weight": 0.5}]
+    assert torch.equal(out, fused_reference("linear", [num, rev, col], None, {}, per_model).half())
+    registry = merge_tensor("linear", [num, rev, col], None, {}, per_model)  # the method's own order of operations
+    assert within_fp32_rounding(fused_reference("linear", [num, rev, col], None, {}, per_model), registry, num, rev,
+                                col)
 
 
 def test_gradient_slerp_uses_the_filtered_gradient_at_each_layer(merged, zoo_state):
@@ -138,9 +158,10 @@ def test_reference_slices_take_task_vectors_against_the_target_layers(zoo, zoo_s
     out = output_tensors(run_recipe(RECIPES / "reference_slices.yml", tmp_path / "out").out_dir)
     name = "model.layers.5.self_attn.q_proj.weight"  # second slice, offset 1: rev 5, col 3, base (target) 5
     source = lambda model, layer: zoo_state[model][f"model.layers.{layer}.self_attn.q_proj.weight"]
-    expected = merge_tensor("task_arithmetic", [source("rev", 5), source("col", 3)], source("base", 5),
-                            {"lambda": 0.8}, [{"weight": 1.0}, {"weight": 1.0}])
-    assert torch.equal(out[name], expected)
+    args = ("task_arithmetic", [source("rev", 5), source("col", 3)], source("base", 5), {"lambda": 0.8},
+            [{"weight": 1.0}, {"weight": 1.0}])
+    assert torch.equal(out[name], fused_reference(*args))
+    assert within_fp32_rounding(out[name], merge_tensor(*args), source("base", 5))
 
 
 def test_model_card_records_the_recipe_and_the_mergekit_export(merged):
@@ -386,3 +407,45 @@ def test_cli_merges_dry_runs_and_reports_errors_with_the_recipe_key(zoo, tmp_pat
     error = capsys.readouterr().err
     assert "bad.yml: slices[0].sources[0].layer_range: zoo:num has 8 layers" in error
     assert not (tmp_path / "never").exists()
+
+
+def test_reader_views_survive_release_and_a_truncated_file_is_an_error(zoo, zoo_state, tmp_path):
+    """Tensors are zero-copy views of the mapped file; release() drops their pages from the process, not their
+    contents; a file cut short raises instead of crashing on a mapped page past its end; an unaligned tensor is
+    read into a fresh buffer."""
+    import struct
+
+    from auto_merge.models.inspect import ModelInspectionError
+
+    name = "model.layers.1.mlp.up_proj.weight"
+    with CheckpointReader(zoo / "num") as reader:
+        view = reader.get_tensor(name)
+        reader.release()
+        assert torch.equal(view, zoo_state["num"][name])
+    assert torch.equal(view, zoo_state["num"][name])  # still valid after the reader closed
+
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    shutil.copy(zoo / "num" / "config.json", truncated / "config.json")
+    data = (zoo / "num" / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with CheckpointReader(truncated) as reader:
+        last = max(reader.names, key=lambda n: _offsets(zoo / "num" / "model.safetensors")[n])
+        with pytest.raises(ModelInspectionError, match="ends inside"):
+            reader.get_tensor(last)
+
+    # Shift the data by 2 bytes (header padded with a space): fp32 tensors are no longer 4-byte aligned.
+    (header_length,) = struct.unpack("<Q", data[:8])
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    shutil.copy(zoo / "num" / "config.json", shifted / "config.json")
+    header = data[8:8 + header_length] + b"  "
+    (shifted / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data[8 + header_length:])
+    with CheckpointReader(shifted) as reader:
+        assert all(torch.equal(reader.get_tensor(n), zoo_state["num"][n]) for n in reader.names)
+
+
+def _offsets(file: Path) -> dict[str, int]:
+    from auto_merge.models.inspect import read_safetensors_header
+
+    return {name: entry["data_offsets"][1] for name, entry in read_safetensors_header(file).items()}

@@ -170,8 +170,9 @@ def test_recipes_and_tensor_plans_agree(live_model, zoo):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_combinations_equal_the_methods(zoo, dtype):
-    """linear / task arithmetic / passthrough evaluated as one sum over the resident tensors (the GPU path, forced
-    here on the CPU) equal the methods' own evaluation up to fp32 rounding, and only those tensors go that way."""
+    """linear / task arithmetic / passthrough evaluated as one sum over the resident tensors (the default, on every
+    device) equal the methods' own evaluation (``fused=False``) up to fp32 rounding, and only those tensors go that
+    way."""
     from transformers import AutoModelForCausalLM
 
     from auto_merge.merge.fused import linear_terms
@@ -201,4 +202,79 @@ def test_fused_linear_combinations_equal_the_methods(zoo, dtype):
     passthrough = merger.compile({"merge_method": "passthrough", "slices": [
         {"sources": [{"model": "zoo:num", "layer_range": [0, 8], "parameters": {"scale": 0.5}}],
          "parameters": {"output_scale": 3.0}}]})
-    assert {linear_terms(task)[0][1] for task in passthrough.tasks} == {1.5}
+    assert {linear_terms(task).coefficients for task in passthrough.tasks} == {(1.5,)}
+
+
+def test_fused_linear_recipes_equal_the_streamed_checkpoint(live_model, zoo, tmp_path):
+    """The fused sums (task arithmetic relative to the base, linear, passthrough with a scale) are the same
+    computation in both paths: the live model is bit-identical to the checkpoint, and task arithmetic stays within
+    fp32 rounding (8 ulp of the result or the base) of the method's own evaluation."""
+    from safetensors.torch import load_file
+
+    from auto_merge.merge.methods import merge_tensor
+
+    sources = lambda start, params: [{"model": m, "layer_range": [start, start + 4], "parameters": p}
+                                     for m, p in zip(("zoo:num", "zoo:rev", "zoo:col"), params)]
+    recipe = parse_recipe({"base_model": "zoo:base", "dtype": "float32", "slices": [
+        {"merge_method": "task_arithmetic", "sources": sources(0, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.0}]),
+         "parameters": {"lambda": 0.7, "output_scale": [{"filter": "o_proj", "value": 0.9}, {"value": 1.0}]}},
+        {"merge_method": "linear", "sources": sources(4, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}])},
+    ]})
+    LiveMerger(live_model, device="cpu").apply(recipe)
+    written = run_recipe(recipe, tmp_path / "out").out_dir
+    streamed = load_file(written / "model.safetensors")
+    for name, tensor in live_model.state_dict().items():
+        assert torch.equal(tensor, streamed[name]), name
+    state = {m: load_file(zoo / m / "model.safetensors") for m in ("base", "num", "rev", "col")}
+    name = "model.layers.1.mlp.up_proj.weight"
+    expected = merge_tensor("task_arithmetic", [state[m][name] for m in ("num", "rev", "col")], state["base"][name],
+                            {"lambda": 0.7}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.0}])
+    ulp = torch.maximum(expected.abs(), state["base"][name].abs()) * 2.0 ** -23
+    assert ((streamed[name] - expected).abs() <= 8 * ulp).all()  # the benchmark's "beyond fp32 rounding" bound
+
+
+def test_combine_into_on_the_cpu_handles_dtypes_layouts_and_aliasing():
+    """The chunked CPU sum: relative (task-arithmetic) terms, several chunks plus a tail, 16-bit terms and targets,
+    a non-contiguous target and a target that is one of the terms all give the closed form."""
+    from auto_merge.merge import fused
+
+    generator = torch.Generator().manual_seed(0)
+    n = 2 * fused.CPU_CHUNK_ELEMENTS + 1234
+    base = torch.randn(n, generator=generator)
+    experts = [base + 0.05 * torch.randn(n, generator=generator) for _ in range(3)]
+    form = fused.LinearForm((0.7, -0.2, 1.1), base_coefficient=1.3)
+    expected = 1.3 * base.double() + sum(c * (x.double() - base.double()) for c, x in zip(form.coefficients, experts))
+
+    out = torch.empty(n)
+    fused.combine_into(out, fused.combination(form, (base, None), [(x, None) for x in experts]))
+    assert torch.allclose(out.double(), expected, rtol=0, atol=1e-6)
+    # The expanded form (what the GPU kernel sums) is the same combination.
+    expanded = torch.empty(n)
+    fused.combine_into(expanded, fused.combination(form, (base, None), [(x, None) for x in experts]).expanded())
+    assert torch.allclose(expanded.double(), expected, rtol=0, atol=1e-5)
+
+    half = torch.empty(n, dtype=torch.bfloat16)
+    fused.combine_into(half, fused.combination(form, (base, None), [(x, None) for x in experts]))
+    assert torch.equal(half, out.to(torch.bfloat16))  # one cast of the fp32 sum
+
+    deltas = [(x - base).to(torch.bfloat16) for x in experts]  # resident bf16 task vectors: (anchor, delta)
+    from_deltas = torch.empty(n)
+    combined = fused.combination(form, (base, None), [(base, d) for d in deltas])
+    assert all(not relative for _, _, relative in combined.terms)  # x - base is the delta itself
+    fused.combine_into(from_deltas, combined)
+    assert torch.allclose(from_deltas.double(), expected, rtol=0, atol=1e-3)
+
+    strided = torch.empty(n, 2)[:, 0]
+    fused.combine_into(strided, fused.combination(form, (base, None), [(x, None) for x in experts]))
+    assert torch.equal(strided, out)
+
+    aliased = experts[1].clone()
+    terms = fused.combination(form, (base, None), [(experts[0], None), (aliased, None), (experts[2], None)])
+    fused.combine_into(aliased, terms)  # the target is also a term: summed through a temporary
+    assert torch.equal(aliased, out)
+
+    empty = torch.empty(0)
+    fused.combine_into(empty, [(torch.empty(0), 2.0)])
+    zero = torch.ones(5)
+    fused.combine_into(zero, [])
+    assert torch.equal(zero, torch.zeros(5))

@@ -1,10 +1,13 @@
 """The streaming merge engine: run a plan tensor by tensor into a sharded safetensors checkpoint.
 
-For each output tensor, in plan order, the engine reads that tensor's inputs (one lazy read each), merges them in fp32
-through the method registry (on the CPU, or on CUDA with ``device="cuda"``), casts the result once to the output
-dtype and streams it into its shard file. Nothing else is kept: memory holds the current task's inputs, the method's
-working copies and the output, whatever the model size (the shard layout is fixed from the plan's shapes, so shards
-are written as the tensors come, not buffered). Random methods are seeded with ``(seed, output tensor name)``, so the
+For each output tensor, in plan order, the engine reads that tensor's inputs (one lazy read each: views of the
+memory-mapped sources, whose pages are released after the tensor), merges them in fp32 (on the CPU, or on CUDA with
+``device="cuda"``) into one reused output buffer, cast once to the output dtype, and streams it into its shard file.
+Fixed linear combinations (linear, task arithmetic, passthrough) are one chunked fp32 sum straight into that buffer
+(:mod:`auto_merge.merge.fused`, shared with the in-memory path, so both give bit-identical tensors); the other
+methods run through the registry. Nothing else is kept: memory holds the current task's inputs, the method's
+working copies and the output buffer, whatever the model size (the shard layout is fixed from the plan's shapes, so
+shards are written as the tensors come, not buffered). Random methods are seeded with ``(seed, output tensor name)``, so the
 result does not depend on tensor order or sharding.
 
 The output folder gets the tensors, ``config.json`` (layer count, vocabulary size, dtype), the tokenizer
@@ -37,6 +40,7 @@ from auto_merge.merge.io import (
     shard_file_names,
     write_json,
 )
+from auto_merge.merge.fused import combination, combine_into, linear_terms
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
 from auto_merge.merge.recipe import MergekitExportError, Recipe, load_recipe, to_mergekit_yaml
@@ -50,9 +54,42 @@ FP32_BYTES = 4
 METHOD_WORKING_COPIES = 5
 
 
-def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: int = 0, device=None):
-    """Compute one planned tensor in fp32 from its inputs (``fetch`` returns a stored tensor for an input)."""
+def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: int = 0, device=None, out=None,
+               expand: Callable[[TensorInput], list] | None = None):
+    """Compute one planned tensor from its inputs (``fetch`` returns a stored tensor for an input).
+
+    Fixed linear combinations (linear, task arithmetic, passthrough; :mod:`auto_merge.merge.fused`) are evaluated as
+    one fp32 sum over the stored tensors, written straight into ``out``; other methods run through the registry in
+    fp32. ``expand(input)`` may give an input's stored form ``(weight, delta)``, whose sum is the input (``delta``
+    None for a plain tensor; default ``(fetch(input), None)``). ``out``: a tensor of the task's shape on ``device``
+    (any floating dtype) that receives the result, cast once; it is returned. Without it the fp32 result is returned
+    (a new tensor).
+    """
     import torch
+
+    form = linear_terms(task)
+    if form is not None:
+        if expand is None:
+            fetched: dict[tuple, Any] = {}  # one object per stored tensor, so that repeated inputs are read once
+
+            def expand(tensor_input: TensorInput):
+                key = (tensor_input.model, tensor_input.name)
+                if key not in fetched:
+                    tensor = fetch(tensor_input)
+                    fetched[key] = tensor.to(device=device) if device is not None else tensor
+                return fetched[key], None
+
+        base_part = expand(task.base) if task.base is not None else None
+        input_parts = [expand(tensor_input) for tensor_input in task.inputs]
+        stored = [tensor for part in (base_part, *input_parts) if part is not None for tensor in part
+                  if tensor is not None]
+        if all(tuple(tensor.shape) == tuple(task.shape) for tensor in stored):
+            target = out
+            if target is None:
+                where = device if device is not None else (stored[0].device if stored else None)
+                target = torch.empty(task.shape, dtype=torch.float32, device=where)
+            return combine_into(target, combination(form, base_part, input_parts))
+        # Shapes disagree: the method reports it.
 
     def prepare(tensor_input: TensorInput):
         tensor = fetch(tensor_input).to(device=device, dtype=torch.float32)
@@ -62,11 +99,21 @@ def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: i
 
     inputs = [prepare(tensor_input) for tensor_input in task.inputs]
     base = prepare(task.base) if task.base is not None else None
+    scaled = task.output_scale != 1.0
     merged = merge_tensor(task.method, inputs, base, task.global_dict(), task.per_model_dicts(), seed=seed,
-                          tensor_name=task.name)
-    if task.output_scale != 1.0:
-        merged = merged * task.output_scale  # not in place: a passthrough result may be a resident source tensor
+                          tensor_name=task.name, out=None if scaled else out)
+    if scaled:
+        merged = merged * task.output_scale  # not in place: a method's result may be one of its inputs
+        if out is not None:
+            return out.copy_(merged)
     return merged
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 @dataclass(frozen=True)
@@ -166,13 +213,21 @@ def merge_to_disk(
     try:
         with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
             writer = ShardedWriter(staging, shards)
+            # One output buffer, reused for every tensor: results are computed (or cast) straight into it, so no
+            # result-sized tensor is allocated (and page-faulted) per output tensor. (Writing from a second buffer
+            # in a background thread was measured slower on 2 vCPUs: more page faults and sys time than it hid.)
+            largest = max((_numel(task.shape) for task in plan.tasks), default=0)
+            buffer = torch.empty(largest, dtype=out_dtype, device=device)
             try:
                 with torch.no_grad():
                     for task in tqdm(plan.tasks, desc="merging", unit="tensor", disable=not progress,
                                      dynamic_ncols=True):
-                        merged = merge_task(task, fetch, seed=seed, device=device)
-                        writer.add(task.name, merged.to(dtype=out_dtype).cpu())
-                        del merged
+                        out = buffer[:_numel(task.shape)].view(task.shape)
+                        merged = merge_task(task, fetch, seed=seed, device=device, out=out)
+                        writer.add(task.name, merged.cpu())
+                        del merged, out
+                        for reader in readers.values():
+                            reader.release()  # the inputs' pages leave this process (they stay in the page cache)
                 writer.finish()
             finally:
                 writer.close()
@@ -290,3 +345,4 @@ def run_recipe(
     source = None if isinstance(recipe, Recipe) else str(recipe)
     return merge_to_disk(plan, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
                          overwrite=overwrite, progress=progress, recipe_source=source)
+

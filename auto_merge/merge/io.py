@@ -2,7 +2,9 @@
 
 Reading: a model folder holds one safetensors file, shards with a `model.safetensors.index.json`, or shards without an
 index. :class:`CheckpointReader` maps every tensor name to its file from the index or the headers alone and reads a
-tensor only when asked, one at a time. Pickle checkpoints (`.bin`) are read only with ``allow_pickle=True``, and then
+tensor only when asked, one at a time, as a zero-copy view of the memory-mapped file (its pages are dropped from the
+process again by :meth:`CheckpointReader.release`). A file must not be rewritten while it is being read (as with
+safetensors' own ``safe_open``, a mapping of a file cut short would fault). Pickle checkpoints (`.bin`) are read only with ``allow_pickle=True``, and then
 with ``torch.load(weights_only=True, mmap=True)``, which refuses arbitrary objects and maps rather than reads the data.
 
 Writing: the shard layout is fixed up front from the output tensors' shapes and dtypes, so file names
@@ -16,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +135,18 @@ def tensor_infos(folder: str | Path, *, allow_pickle: bool = False) -> dict[str,
 class CheckpointReader:
     """Reads single tensors by name from a model folder.
 
-    Safetensors are read with plain positioned reads of each tensor's byte range (offsets from the header), not
-    memory-mapped: a mapping would keep every page ever touched resident, so a streaming merge would grow to the size
-    of its sources. ``reads`` counts get_tensor calls (the engine reads each input once per output tensor).
+    Safetensors files are memory-mapped (private, copy-on-write) and a tensor is a zero-copy view of its byte range,
+    as safetensors' own ``safe_open`` gives: its data comes straight from the page cache, with no read into a fresh
+    buffer. A mapping keeps every page it touched resident, so a streaming merge would grow to the size of its
+    sources; :meth:`release` therefore drops the pages of the tensors handed out so far from this process
+    (``madvise(MADV_DONTNEED)``; they stay in the page cache). The engine calls it after each output tensor.
+
+    The views must be treated as read-only: a write lands in a private copy of the page (never in the file), and
+    :meth:`release` discards it. A view that is still referenced after :meth:`release` stays valid (its pages fault
+    back in from the file), so callers may keep them, at the cost of memory. A tensor whose offset is not aligned to
+    its element size, or a platform without mmap, falls back to a positioned read into a fresh tensor. Pickles
+    (``.bin``, only with ``allow_pickle``) are loaded with ``torch.load(weights_only=True, mmap=True)`` and cloned
+    one tensor at a time. ``reads`` counts get_tensor calls (the engine reads each input once per output tensor).
     """
 
     def __init__(self, folder: str | Path, *, allow_pickle: bool = False):
@@ -142,6 +155,7 @@ class CheckpointReader:
         self.files = checkpoint_files(self.folder, allow_pickle=allow_pickle)
         self._handles: dict[Path, Any] = {}
         self._stack = contextlib.ExitStack()
+        self._handed_out: list[tuple[Any, int, int]] = []  # (mapping, start, end) not yet released
         self.reads = 0
 
     @property
@@ -157,20 +171,26 @@ class CheckpointReader:
             handle = self._open(file)
             self._handles[file] = handle
         self.reads += 1
-        if file.suffix == ".safetensors":
-            stream, data_start, header = handle
-            return _read_range(stream, data_start, header[name], f"{file}:{name}")
+        if isinstance(handle, _SafetensorsFile):
+            return handle.tensor(name, self._handed_out)
         return handle[name].clone()  # materialise the mapped pickle tensor, one at a time
+
+    def release(self) -> None:
+        """Drop the pages of every tensor handed out so far from this process's memory (see the class docstring)."""
+        for mapping, start, end in self._handed_out:
+            _drop_pages(mapping, start, end)
+        self._handed_out.clear()
 
     def _open(self, file: Path):
         if file.suffix == ".safetensors":
-            header = read_safetensors_header(file)
-            stream = self._stack.enter_context(file.open("rb"))
-            (header_length,) = struct.unpack("<Q", stream.read(8))
-            return stream, 8 + header_length, header
+            return _SafetensorsFile(file, self._stack)
         return load_pickle_state(file)
 
     def close(self) -> None:
+        self.release()
+        for handle in self._handles.values():
+            if isinstance(handle, _SafetensorsFile):
+                handle.close()
         self._handles.clear()
         self._stack.close()
 
@@ -179,6 +199,74 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _SafetensorsFile:
+    """One open safetensors file: its header, a file handle for positioned reads and (where possible) a mapping."""
+
+    def __init__(self, file: Path, stack: contextlib.ExitStack):
+        self.file = file
+        self.header = read_safetensors_header(file)
+        self.stream = stack.enter_context(file.open("rb"))
+        (header_length,) = struct.unpack("<Q", self.stream.read(8))
+        self.data_start = 8 + header_length
+        self.size = os.fstat(self.stream.fileno()).st_size
+        self.mapping = None
+        if self.size > self.data_start and sys.byteorder == "little":
+            try:
+                self.mapping = mmap.mmap(self.stream.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # a file system that cannot map: positioned reads instead
+                self.mapping = None
+
+    def tensor(self, name: str, handed_out: list):
+        import torch
+
+        entry = self.header[name]
+        label = f"{self.file}:{name}"
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ModelInspectionError(f"{label} has the unsupported dtype {entry['dtype']}")
+        if sys.byteorder != "little":  # safetensors stores little-endian
+            raise ModelInspectionError("reading safetensors on a big-endian machine is not supported")
+        start, end = entry["data_offsets"]
+        torch_dtype = getattr(torch, dtype[0])
+        if end == start:
+            return torch.empty(entry["shape"], dtype=torch_dtype)
+        if self.data_start + end > self.size:  # checked before mapping: a view past the end would crash the process
+            raise ModelInspectionError(f"{label}: the file ends inside the tensor's data")
+        offset = self.data_start + start
+        if self.mapping is None or offset % dtype[1]:
+            return _read_range(self.stream, self.data_start, entry, label)
+        _will_need(self.mapping, offset, self.data_start + end)
+        handed_out.append((self.mapping, offset, self.data_start + end))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about sharing memory with a Python buffer
+            view = torch.frombuffer(self.mapping, dtype=torch_dtype, count=(end - start) // dtype[1], offset=offset)
+        return view.reshape(entry["shape"])
+
+    def close(self) -> None:
+        # Not mapping.close(): torch.frombuffer keeps a reference to the mapping but no buffer export, so closing
+        # it would unmap pages that views still use. The mapping is unmapped when the last reference goes.
+        self.mapping = None
+
+
+def _page_range(start: int, end: int) -> tuple[int, int]:
+    first = start - start % mmap.PAGESIZE
+    return first, end - first
+
+
+def _will_need(mapping, start: int, end: int) -> None:
+    """Ask the kernel to read the range ahead (helps when the file is not in the page cache yet)."""
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap.MADV_WILLNEED, *_page_range(start, end))
+
+
+def _drop_pages(mapping, start: int, end: int) -> None:
+    if mapping.closed or not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mapping.madvise(mmap.MADV_DONTNEED, *_page_range(start, end))
 
 
 def _read_range(stream, data_start: int, entry: dict, label: str):

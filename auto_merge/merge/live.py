@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from auto_merge.merge.engine import merge_task
-from auto_merge.merge.fused import combine_into, linear_terms, resident_terms
+from auto_merge.merge.fused import combination, combine_into, linear_coefficients, linear_terms
 from auto_merge.merge.methods import get_method, merge_tensor
 from auto_merge.merge.plan import (
     DEPTH_KEYS,
@@ -99,7 +99,12 @@ def read_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]
 
 @torch.no_grad()
 def materialise_into(model: torch.nn.Module, sources: ResidentSources, plan: TensorPlan, seed: int = 0) -> None:
-    """Overwrite `model`'s weights in place with the merge `plan` describes."""
+    """Overwrite `model`'s weights in place with the merge `plan` describes.
+
+    As in :class:`LiveMerger`, fixed linear combinations (linear, task arithmetic, passthrough) are summed straight
+    into the parameter (:mod:`auto_merge.merge.fused`), and other methods write their fp32 result into it when it is
+    an fp32 tensor on the sources' device.
+    """
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     for name in sources.names:
@@ -107,17 +112,20 @@ def materialise_into(model: torch.nn.Module, sources: ResidentSources, plan: Ten
             raise KeyError(f"the live model has no tensor named {name!r}")
         spec = plan(name)
         takes_base = get_method(spec.method).base_model != "none"
-        merged = merge_tensor(
-            spec.method,
-            [expert[name] for expert in sources.experts],
-            sources.base[name] if takes_base else None,
-            spec.global_params,
-            list(spec.per_model_params),
-            seed=seed,
-            tensor_name=name,
-        )
+        base = sources.base[name] if takes_base else None
+        experts = [expert[name] for expert in sources.experts]
         target = targets[name]
-        target.copy_(merged.to(device=target.device, dtype=target.dtype))
+        form = linear_coefficients(spec.method, spec.global_params, list(spec.per_model_params) or
+                                   [{} for _ in experts], has_base=base is not None)
+        same_place = target.device == (base if base is not None else experts[0]).device
+        if form is not None and same_place and all(t.shape == target.shape for t in [*experts, base] if t is not None):
+            combine_into(target, combination(form, (base, None) if base is not None else None,
+                                             [(expert, None) for expert in experts]))
+            continue
+        merged = merge_tensor(spec.method, experts, base, spec.global_params, list(spec.per_model_params),
+                              seed=seed, tensor_name=name, out=target if same_place else None)
+        if merged is not target:
+            target.copy_(merged.to(device=target.device, dtype=target.dtype))
 
 
 # ------------------------------------------------------------------------------------------ recipes, live
@@ -147,12 +155,12 @@ class ResidentModels:
             return self._state(self.anchor)[name] + stored.to(torch.float32)
         return stored
 
-    def stored_terms(self, model: SourceModel, name: str) -> list[tuple[torch.Tensor, float]]:
-        """The stored tensors whose sum is ``tensor(model, name)``: the tensor itself, or anchor + task vector."""
+    def stored(self, model: SourceModel, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, delta)`` whose sum is ``tensor(model, name)``: ``(tensor, None)``, or (anchor, task vector)."""
         stored = self._state(model)[name]
         if name in self._deltas[model.ref]:
-            return [(self._state(self.anchor)[name], 1.0), (stored, 1.0)]
-        return [(stored, 1.0)]
+            return self._state(self.anchor)[name], stored
+        return stored, None
 
     def _state(self, model: SourceModel) -> dict[str, torch.Tensor]:
         state = self._states.get(model.ref)
@@ -170,10 +178,12 @@ class ResidentModels:
         state, deltas = {}, set()
         with CheckpointReader(model.path, allow_pickle=model.allow_pickle) as reader:
             for name in reader.names:
-                tensor = reader.get_tensor(name).to(device=self.device, dtype=torch.float32)
+                # A copy: the reader hands out views of the file's pages.
+                tensor = reader.get_tensor(name).to(device=self.device, dtype=torch.float32, copy=True)
+                reader.release()
                 reference = anchor_state.get(name) if anchor_state is not None else None
                 if reference is not None and reference.shape == tensor.shape:
-                    tensor = tensor - reference
+                    tensor = tensor.sub_(reference)
                     deltas.add(name)
                 state[name] = tensor.to(keep_dtype)
         self._deltas[model.ref] = deltas
@@ -285,13 +295,14 @@ class LiveMerger:
     """Writes merge candidates (recipes or plans) into one live model in place, recomputing only changed tensors."""
 
     def __init__(self, model: torch.nn.Module, catalog: ModelCatalog | None = None, *, device: str = "auto",
-                 dtype: torch.dtype = torch.float32, task_vectors: bool = True, fused: bool | None = None):
+                 dtype: torch.dtype = torch.float32, task_vectors: bool = True, fused: bool = True):
         """``dtype``: how sources are kept. With a 16-bit dtype and ``task_vectors``, the first plan's base stays
         fp32 and the other models are kept as 16-bit task vectors against it; without, every model is kept as
-        16-bit weights (half the memory of the base's fp32 copy, less precise task vectors). ``fused``: evaluate
-        linear combinations (linear, task arithmetic, passthrough) in one pass over the resident tensors
-        (:mod:`auto_merge.merge.fused`; equal up to fp32 rounding); None = on a GPU only, so that CPU results stay
-        bit-identical to the streaming engine's."""
+        16-bit weights (half the memory of the base's fp32 copy, less precise task vectors). ``fused`` (default):
+        evaluate linear combinations (linear, task arithmetic, passthrough) in one pass over the resident tensors,
+        straight into the parameters (:mod:`auto_merge.merge.fused`), as the streaming engine does, so a CPU
+        candidate is bit-identical to the checkpoint `auto-merge merge` writes; False runs the methods' own
+        evaluation instead (equal up to fp32 rounding; for comparisons)."""
         self.model = model
         self.catalog = catalog or ModelCatalog()
         self.preferred_device = device
@@ -326,10 +337,9 @@ class LiveMerger:
         def fetch(tensor_input: TensorInput) -> torch.Tensor:
             return resident.tensor(plan.models[tensor_input.model], tensor_input.name)
 
-        def expand(tensor_input: TensorInput) -> list[tuple[torch.Tensor, float]]:
-            return resident.stored_terms(plan.models[tensor_input.model], tensor_input.name)
+        def expand(tensor_input: TensorInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return resident.stored(plan.models[tensor_input.model], tensor_input.name)
 
-        fused_ok = self.fused if self.fused is not None else resident.device.type == "cuda"
         recomputed, reused = [], []
         for task in plan.tasks:
             if task.name in tied:
@@ -339,11 +349,15 @@ class LiveMerger:
                 reused.append(task.name)
                 continue
             target = targets[task.name]
-            terms = linear_terms(task) if fused_ok else None
-            if terms is not None:
-                combine_into(target, resident_terms(task, terms, expand))
+            if not self.fused and linear_terms(task) is not None:
+                merged = merge_tensor(task.method, [fetch(i) for i in task.inputs],
+                                      fetch(task.base) if task.base is not None else None, task.global_dict(),
+                                      task.per_model_dicts(), seed=seed, tensor_name=task.name)
+                target.copy_((merged * task.output_scale).to(device=target.device, dtype=target.dtype))
+            elif target.device == resident.device:
+                merge_task(task, fetch, seed=seed, device=resident.device, out=target, expand=expand)
             else:
-                merged = merge_task(task, fetch, seed=seed, device=resident.device)
+                merged = merge_task(task, fetch, seed=seed, device=resident.device, expand=expand)
                 target.copy_(merged.to(device=target.device, dtype=target.dtype))
             self._applied[task.name] = key
             recomputed.append(task.name)

@@ -136,6 +136,9 @@ class MergeInputs:
     params: ResolvedParams
     seed: int = 0
     tensor_name: str = ""
+    # Where the method may write its fp32 result (same shape and device as the inputs, contiguous, sharing no memory
+    # with them); None: allocate. A method that ignores it is fine: merge_tensor copies its result in.
+    out: Tensor | None = None
 
     def param(self, name: str) -> Any:
         return self.params.global_params[name]
@@ -370,13 +373,16 @@ def merge_tensor(
     *,
     seed: int = 0,
     tensor_name: str = "",
+    out: Tensor | None = None,
 ) -> Tensor:
     """Merge one tensor name across models and return the fp32 result on the inputs' device.
 
     ``tensors`` are the non-base models' tensors in config order. ``per_model_params`` gives one dict per entry of
     ``tensors``; None or an empty sequence means defaults for all of them. ``seed`` and ``tensor_name`` seed random
     methods. All tensors must have the same shape and device; for embeddings of different vocab sizes, apply
-    :func:`common_submatrix` first.
+    :func:`common_submatrix` first. ``out`` (optional, of the inputs' shape, any floating dtype): the result is written
+    there (cast to its dtype) and ``out`` is returned; an fp32 ``out`` that shares no memory with the inputs is
+    handed to the method, which may compute straight into it (no result-sized allocation).
     """
     spec = get_method(method_name)
     tensors = list(tensors)
@@ -407,7 +413,26 @@ def merge_tensor(
         if tensor.device != reference.device:
             raise ValueError(f"{method_name}: tensor {index} is on {tensor.device}, expected {reference.device}")
 
+    if out is not None and tuple(out.shape) != tuple(reference.shape):
+        raise ValueError(f"{method_name}: out has shape {tuple(out.shape)}, expected {tuple(reference.shape)}")
+    scratch = None
+    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.device == reference.device \
+            and not any(_shares_memory(out, tensor) for tensor in (*inputs, base_fp32) if tensor is not None):
+        scratch = out
     result = spec.function(
-        MergeInputs(tensors=tuple(inputs), base=base_fp32, params=params, seed=seed, tensor_name=tensor_name)
+        MergeInputs(tensors=tuple(inputs), base=base_fp32, params=params, seed=seed, tensor_name=tensor_name,
+                    out=scratch)
     )
-    return result.to(torch.float32)
+    if out is None:
+        return result.to(torch.float32)
+    if result is not out:
+        out.copy_(result)
+    return out
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors' storages overlap (conservative: whole storages are compared)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()

@@ -136,7 +136,7 @@ def gta_merge(
     base = inputs.base.contiguous()
     shape, device, numel = base.shape, base.device, base.numel()
     models = len(inputs.tensors)
-    out = torch.empty_like(base)
+    out = inputs.out if inputs.out is not None else torch.empty_like(base)
     if numel == 0:
         return out
     base_flat, out_flat = base.view(-1), out.view(-1)
