@@ -143,6 +143,9 @@ class ResidentModels:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"resident sources are kept in float32, bfloat16 or float16, not {dtype}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Tensors report "cuda:0": an index-less device would never compare equal to the live model's.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self.anchor = anchor if dtype != torch.float32 else None
         self._states: dict[str, dict[str, torch.Tensor]] = {}
