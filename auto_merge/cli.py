@@ -10,6 +10,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and getattr(args, "handler", None) is cmd_search:
+        reexec_with_fixed_hash_seed()
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
@@ -21,6 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def reexec_with_fixed_hash_seed() -> None:
+    """Restart this process with PYTHONHASHSEED=0 unless the hash seed is already fixed.
+
+    SMAC's suggestions depend on the iteration order of sets of strings, which follows Python's per-process hash
+    seed: two runs of the same config and seed then diverge after the initial design. The seed can only be fixed
+    before the interpreter starts, so the search commands (`auto-merge search`, `python merge.py`) re-execute
+    themselves once, with the same arguments; dask workers inherit the variable.
+    """
+    import os
+
+    if os.environ.get("PYTHONHASHSEED", "random") != "random":
+        return
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "PYTHONHASHSEED": "0"})
 
 
 class UserFacingError(Exception):

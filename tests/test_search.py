@@ -210,3 +210,19 @@ def test_successive_halving_starts_every_configuration_at_the_smallest_budget(tm
     # min 10, max 30: each round is 3 new configurations at 10 and the best promoted to 30 (Hyperband would also
     # run brackets that start new configurations at 30).
     assert budgets == [10.0, 10.0, 10.0, 30.0] * 3 + [10.0]
+
+
+def test_the_same_config_gives_the_same_trials_whatever_the_hash_seed(tmp_path):
+    """SMAC's suggestions follow set iteration order; `python merge.py` fixes the hash seed by re-executing itself,
+    so two runs started with random hash seeds make the same trials (model-based ones included)."""
+    config = write_config(tmp_path, n_trials=14, optimizer="successive_halving")
+    runs = []
+    for attempt in range(2):
+        done = subprocess.run([sys.executable, str(REPO / "merge.py"), "--config", str(config), "--overwrite",
+                               "--no-model"], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                              env={**os.environ, "PYTHONHASHSEED": "random", "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        trials = read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl")
+        runs.append([(t["configuration"], t["budget"], t["scores"]) for t in trials])
+    assert len(runs[0]) == 14 and runs[0] == runs[1]
+    assert any(t["config_origin"] and "Local Search" in t["config_origin"] for t in trials)

@@ -217,6 +217,9 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
                                                          block.eta, block.optimizer)
     progress = ProgressLine(n_trials, enabled=show_progress)
     recorder = TrialRecorder(run_dir / TRIALS_LOG, progress, objectives=objectives)
+    if sys.flags.hash_randomization:
+        progress.write("note: Python's hash seed is random in this process, so SMAC's suggestions can differ between "
+                       "runs of the same config; `auto-merge search` and `python merge.py` fix it (PYTHONHASHSEED=0)")
     if resumed:
         progress.write(f"resuming {run_dir} ({recorder.completed} trials already recorded)")
     else:
