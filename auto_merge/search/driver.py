@@ -4,8 +4,9 @@
 1. validates the config and resolves its models (nothing is loaded before the config is known to be good);
 2. builds the strategy (space + decoder) and the run folder `<output_path>/<run_name>`; a run folder holding a
    different config is refused unless `overwrite` (which replaces it) — rerunning the same config resumes;
-3. runs SMAC: multi-fidelity Hyperband (the default), plain BO at max_budget, or random search; multi-objective
-   (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with incumbent selection at the highest budget (SMAC #1050);
+3. runs SMAC: multi-fidelity Hyperband (the default) or successive halving, plain BO at max_budget, or random
+   search; multi-objective (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with
+   incumbent selection at the highest budget (SMAC #1050);
 4. records every trial as one JSON line in `trials.jsonl` as soon as SMAC is told its result;
 5. exports the best configuration (or the Pareto front) as self-describing JSON, scores it and every expert alone at
    the full budget, writes the winning merged checkpoint, and draws the plots.
