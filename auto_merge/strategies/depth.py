@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Mapping
+
 from auto_merge.strategies.lfs import StrategyError
 
 # The tensor of each decoder layer that a layer's output scale multiplies: the MLP's output projection, so that the
@@ -32,9 +35,9 @@ def passthrough_slice(model: str, start: int, length: int, scale: float, scale_f
     return piece
 
 
-def check_reference_keys(flat: dict, space, what: str) -> None:
-    """A reference configuration must name exactly this space's hyperparameters: list what is missing or extra."""
-    names = set(space.keys())
+def check_reference_keys(flat: Mapping, names: Iterable[str], what: str) -> None:
+    """A reference configuration must name exactly these hyperparameters: list what is missing or extra."""
+    names = set(names)
     missing = sorted(names - set(flat), key=_natural)
     extra = sorted(set(flat) - names, key=_natural)
     if missing or extra:
@@ -44,6 +47,27 @@ def check_reference_keys(flat: dict, space, what: str) -> None:
         if extra:
             parts.append(f"{len(extra)} key(s) this space does not have, e.g. {extra[:4]}")
         raise StrategyError(f"the configuration does not fit {what}: {'; '.join(parts)}")
+
+
+def describe_fields(strategy) -> dict:
+    """A strategy dataclass as plain data: every field (tuples as lists), its `name` under "strategy"."""
+    data = {"strategy": strategy.name}
+    for field in dataclasses.fields(strategy):
+        if field.name != "name":
+            value = getattr(strategy, field.name)
+            data[field.name] = list(value) if isinstance(value, tuple) else value
+    return data
+
+
+def from_fields(cls, data: Mapping):
+    """The inverse of :func:`describe_fields` (absent fields take their defaults)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        key = "strategy" if field.name == "name" else field.name
+        if key in data:
+            value = data[key]
+            values[field.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
 def _natural(name: str) -> list:

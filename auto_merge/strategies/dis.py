@@ -31,6 +31,8 @@ from auto_merge.strategies.depth import (
     DEFAULT_SCALE_RANGE,
     RejectedConfiguration,
     check_reference_keys,
+    describe_fields,
+    from_fields,
     passthrough_slice,
 )
 from auto_merge.strategies.lfs import StrategyError
@@ -216,45 +218,15 @@ class DISStrategy:
     # ------------------------------------------------------------------------------------------------ describe
 
     def describe(self) -> dict:
-        return {
-            "strategy": self.name,
-            "base_model": self.base_model,
-            "models": list(self.models),
-            "num_layers": self.num_layers,
-            "max_layers": self.max_layers,
-            "layer_granularity": self.layer_granularity,
-            "repeat": self.repeat,
-            "remain_base": self.remain_base,
-            "fix_layers": self.fix_layers,
-            "float_block_selection": self.float_block_selection,
-            "block_selection_threshold": self.block_selection_threshold,
-            "scale_range": list(self.scale_range),
-            "scale_filter": self.scale_filter,
-            "dtype": self.dtype,
-        }
+        return describe_fields(self)
 
     @classmethod
     def from_description(cls, data: Mapping) -> "DISStrategy":
-        return cls(
-            base_model=data["base_model"],
-            models=tuple(data["models"]),
-            num_layers=int(data["num_layers"]),
-            max_layers=int(data["max_layers"]),
-            layer_granularity=int(data.get("layer_granularity", 1)),
-            repeat=int(data.get("repeat", 1)),
-            remain_base=bool(data.get("remain_base", True)),
-            fix_layers=int(data.get("fix_layers", 0)),
-            float_block_selection=bool(data.get("float_block_selection", False)),
-            block_selection_threshold=float(data.get("block_selection_threshold", 0.5)),
-            scale_range=tuple(data.get("scale_range", DEFAULT_SCALE_RANGE)),
-            scale_filter=data.get("scale_filter", DEFAULT_SCALE_FILTER),
-            dtype=data.get("dtype", "float32"),
-            name=data.get("strategy", "dis"),
-        )
+        return from_fields(cls, data)
 
     def import_reference(self, flat: Mapping) -> dict:
         """A reference DIS configuration (same hyperparameter names) checked against this space."""
-        check_reference_keys(dict(flat), self.build_space(),
+        check_reference_keys(flat, self.build_space().keys(),
                              f"the DIS space of {len(self.models)} experts x repeat {self.repeat}, "
                              f"{self.n_positions} positions")
         return {key: (str(value) if not self.float_block_selection and key.endswith("_selection") else value)

@@ -25,6 +25,8 @@ from auto_merge.strategies.depth import (
     DEFAULT_SCALE_FILTER,
     DEFAULT_SCALE_RANGE,
     check_reference_keys,
+    describe_fields,
+    from_fields,
     passthrough_slice,
     scale_parameters,
 )
@@ -168,31 +170,11 @@ class PruneStrategy:
     # ------------------------------------------------------------------------------------------------ describe
 
     def describe(self) -> dict:
-        return {
-            "strategy": self.name,
-            "base_model": self.base_model,
-            "models": list(self.models),
-            "num_layers": self.num_layers,
-            "target_layers": self.target_layers,
-            "lambda_range": list(self.lambda_range),
-            "scale_range": list(self.scale_range),
-            "scale_filter": self.scale_filter,
-            "dtype": self.dtype,
-        }
+        return describe_fields(self)
 
     @classmethod
     def from_description(cls, data: Mapping) -> "PruneStrategy":
-        return cls(
-            base_model=data["base_model"],
-            models=tuple(data["models"]),
-            num_layers=int(data["num_layers"]),
-            target_layers=int(data["target_layers"]),
-            lambda_range=tuple(data.get("lambda_range", DEFAULT_LAMBDA_RANGE)),
-            scale_range=tuple(data.get("scale_range", DEFAULT_SCALE_RANGE)),
-            scale_filter=data.get("scale_filter", DEFAULT_SCALE_FILTER),
-            dtype=data.get("dtype", "float32"),
-            name=data.get("strategy", "prune"),
-        )
+        return from_fields(cls, data)
 
     def import_reference(self, flat: Mapping) -> dict:
         """The reference's prune configuration (``remove_idx_k`` + per kept layer values) in this space; the removed
@@ -212,20 +194,10 @@ class PruneStrategy:
         values.update(self.removal_values(removed))
         expected = {name for name in space.keys() if not name.endswith("_keep_priority")
                     and int(name.split("_")[1]) not in removed}
-        check_reference_keys(flat, _NamesOnly(expected), f"the prune space of {len(self.models)} experts and "
-                                                          f"{self.num_layers} layers with removals {sorted(removed)}")
+        check_reference_keys(flat, expected, f"the prune space of {len(self.models)} experts and {self.num_layers} "
+                                             f"layers with removals {sorted(removed)}")
         values.update({key: int(value) if "_candidate_" in key else float(value) for key, value in flat.items()})
         return values
-
-
-class _NamesOnly:
-    """The hyperparameter names a reference file must hold (a stand-in for a space in `check_reference_keys`)."""
-
-    def __init__(self, names: set[str]):
-        self.names = names
-
-    def keys(self):
-        return self.names
 
 
 def _float(name: str, low: float, high: float, default: float):

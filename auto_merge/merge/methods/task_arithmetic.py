@@ -65,11 +65,6 @@ def task_vectors(inputs: MergeInputs) -> Tensor:
     return torch.stack(inputs.tensors) - inputs.base
 
 
-def per_model_column(values: list[float], like: Tensor) -> Tensor:
-    """Per-model scalars shaped [N, 1, ..., 1] for broadcasting against a stacked tensor."""
-    return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def elect_sign_mask(stacked: Tensor) -> Tensor:
     """TIES sign consensus: True where an entry's sign equals the elected sign of the sum (zeros elect +1)."""
     elected_sign = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
