@@ -409,6 +409,24 @@ def test_cli_merges_dry_runs_and_reports_errors_with_the_recipe_key(zoo, tmp_pat
     assert not (tmp_path / "never").exists()
 
 
+def test_the_merge_command_exits_without_teardown_after_a_complete_output(zoo, tmp_path):
+    """As a process (`python -m auto_merge.cli`, like the console script), `merge` ends with os._exit once the
+    output is in place: its report is still printed, the checkpoint is whole, and failures keep their exit code."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "auto_merge.cli", "merge", str(RECIPES / "passthrough.yml"), str(out),
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reported = int(done.stdout.split(f"{out}: ", 1)[1].split(" tensors", 1)[0])
+    assert len(load_file(out / "model.safetensors")) == reported > 0
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 10
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
 def test_reader_views_survive_release_and_a_truncated_file_is_an_error(zoo, zoo_state, tmp_path):
     """Tensors are zero-copy views of the mapped file; release() drops their pages from the process, not their
     contents; a file cut short raises instead of crashing on a mapped page past its end; an unaligned tensor is

@@ -698,6 +698,10 @@ def test_della_keep_probabilities_design_vector_and_ranks_per_row():
     assert_close(single, torch.full((3, 1), 0.6))  # rows of length 1 use rho = 0.5
     untouched = sparsify.della_keep_probabilities(row.unsqueeze(0), [1.0], [0.07])[0]
     assert_close(untouched, torch.ones(4))
+    # Equal magnitudes rank in index order, on every device alike: 600 x 0.1, then 600 x 0.2, then 1200 x 0.3.
+    tied = torch.cat([vec(0.3, -0.1, -0.3, 0.2)] * 600).unsqueeze(0)  # long rows: the sort's fast paths differ
+    ranks = (sparsify.della_keep_probabilities(tied, [0.7], [0.07])[0] - 0.63) / 0.14 * 2399
+    assert torch.equal(ranks.round()[:8], torch.tensor([1200.0, 0, 1201, 600, 1202, 1, 1203, 601]))
 
 
 def test_della_mask_frequency_and_inverse_p_expectation():

@@ -138,6 +138,34 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
     assert len(trials) >= 9 - 1  # SMAC may drop the one trial that was running when the process was killed
 
 
+def test_smac_state_files_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """SMAC rewrites its state after every trial; a kill during that write (simulated: the JSON writer fails halfway)
+    must leave the last complete file, not a truncated one the resumed run cannot read."""
+    import smac.runhistory.runhistory as runhistory_module
+    from smac.runhistory.runhistory import RunHistory
+
+    from auto_merge.search.smac_state import PARTIAL_SUFFIX, atomic_state_writes
+
+    history, path = RunHistory(), tmp_path / "runhistory.json"
+    history.save(path)
+    complete = path.read_text()
+    json.loads(complete)
+
+    def dies_halfway(payload, fp, **kwargs):
+        fp.write('{"stats": ')
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(runhistory_module.json, "dump", dies_halfway)
+    with atomic_state_writes(), pytest.raises(OSError):
+        history.save(path)
+    assert path.read_text() == complete
+    assert not list(tmp_path.glob(f"*{PARTIAL_SUFFIX}"))
+    assert "open" not in vars(runhistory_module)  # SMAC's own open is back after the block
+    with pytest.raises(OSError):  # what happened before: the file is left truncated
+        history.save(path)
+    assert path.read_text() == '{"stats": '
+
+
 def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
     # A linear merge whose weights are all zero cannot be normalised: every linear trial fails.
     config = write_config(tmp_path, n_trials=6, merging_method={

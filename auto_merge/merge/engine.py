@@ -40,6 +40,7 @@ from auto_merge.merge.io import (
     shard_file_names,
     write_json,
 )
+from auto_merge.merge import fused_gta
 from auto_merge.merge.fused import combination, combine_into, linear_terms
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
@@ -91,6 +92,12 @@ def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: i
             return combine_into(target, combination(form, base_part, input_parts))
         # Shapes disagree: the method reports it.
 
+    if task.method in fused_gta.KERNEL_METHODS and device is not None and fused_gta.available(device) \
+            and all(tensor_input.row_map is None for tensor_input in task.reads()):
+        merged = _fused_gta(task, fetch, expand, device, seed, out)
+        if merged is not None:
+            return merged
+
     def prepare(tensor_input: TensorInput):
         tensor = fetch(tensor_input).to(device=device, dtype=torch.float32)
         if tensor_input.row_map is not None:
@@ -107,6 +114,34 @@ def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: i
         if out is not None:
             return out.copy_(merged)
     return merged
+
+
+def _fused_gta(task: TensorTask, fetch, expand, device, seed: int, out):
+    """TIES, DARE, Breadcrumbs or DELLA on CUDA (:mod:`auto_merge.merge.fused_gta`) over the stored tensors, as read:
+    the models' tensors, or the resident task vectors when every input is stored against the base. None where the
+    inputs do not fit the kernels (mixed forms or dtypes); the registry method then runs."""
+    if expand is None:
+        def expand(tensor_input: TensorInput):
+            return fetch(tensor_input).to(device=device), None
+
+    base, base_delta = expand(task.base)
+    parts = [expand(tensor_input) for tensor_input in task.inputs]
+    if base_delta is not None:
+        return None
+    if all(delta is None for _, delta in parts):
+        models, relative = [weight for weight, _ in parts], False
+    elif all(delta is not None and weight is base for weight, delta in parts):
+        models, relative = [delta for _, delta in parts], True
+    else:
+        return None
+    tensors = [base, *models]
+    if len({model.dtype for model in models}) != 1 or any(
+            tuple(tensor.shape) != tuple(task.shape) or not tensor.is_cuda or not tensor.is_contiguous()
+            or tensor.device != base.device for tensor in tensors):
+        return None
+    params = fused_gta.resolved_params(task.method, task.global_params, task.per_model_params)
+    return fused_gta.gta_merge_fused(task.method, params, base, models, relative=relative, out=out, seed=seed,
+                                     tensor_name=task.name, output_scale=task.output_scale)
 
 
 def _numel(shape) -> int:

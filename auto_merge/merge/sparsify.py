@@ -47,7 +47,8 @@ def derive_generator(
 
     Each (tensor, model) pair gets its own stream. Masks therefore do not depend on the order tensors are processed
     in, on the shard layout or on the thread count. They do depend on the device type, because CPU and CUDA generators
-    produce different streams.
+    produce different streams (and on CUDA with Triton, DARE draws from Philox counters keyed by the same hash:
+    :mod:`auto_merge.merge.fused_gta`).
     """
     key = f"auto-merge/v1\x00{int(seed)}\x00{tensor_name}\x00{int(model_index)}".encode()
     digest = hashlib.blake2b(key, digest_size=8).digest()
@@ -127,10 +128,7 @@ def bracketed_order_statistics(chunks, count: int, ks: Sequence[int], sample: Te
     size = sample.numel()
     brackets = []
     for k in ks:
-        quantile = k / count
-        center = quantile * size
-        margin = _BRACKET_SIGMAS * math.sqrt(size * quantile * (1 - quantile)) + 16
-        lower_rank, upper_rank = math.floor(center - margin), math.ceil(center + margin)
+        lower_rank, upper_rank = bracket_ranks(k, count, size)
         lower = float(small_kth(sample, lower_rank)) if lower_rank >= 1 else -math.inf
         upper = float(small_kth(sample, upper_rank)) if upper_rank <= size else math.inf
         brackets.append((lower, upper))
@@ -163,6 +161,16 @@ def bracketed_order_statistics(chunks, count: int, ks: Sequence[int], sample: Te
         else:
             found.append(float(small_kth(candidates, k - below_count)))
     return found
+
+
+def bracket_ranks(k: int, count: int, size: int) -> tuple[int, int]:
+    """(lower, upper): 1-based ranks in a strided sample of ``size`` of ``count`` values whose values bracket the k-th
+    smallest of all, ``_BRACKET_SIGMAS`` standard deviations of the sample rank (plus 16) either side. A rank below 1
+    or above ``size`` means the bracket is open on that side."""
+    quantile = k / count
+    center = quantile * size
+    margin = _BRACKET_SIGMAS * math.sqrt(size * quantile * (1 - quantile)) + 16
+    return math.floor(center - margin), math.ceil(center + margin)
 
 
 def _odd_stride(stride: int) -> int:
@@ -317,15 +325,16 @@ def _della_rank_axis(deltas: Tensor) -> int:
 def della_keep_probabilities(deltas: Tensor, densities: Sequence[float], epsilons: Sequence[float]) -> Tensor:
     """MagPrune keep probabilities: p = (density - eps) + 2*eps*rho, where rho = (rank - 1)/(n - 1) in each row.
 
-    Ranks count |delta| ascending, one rank per entry (argsort, so ties get distinct ranks). A row of length 1 gets
-    rho = 0.5 instead of mergekit's 0/0. Models with density >= 1 get p = 1.
+    Ranks count |delta| ascending, one rank per entry: equal magnitudes get distinct ranks in index order (a stable
+    argsort, so every device ranks ties alike; mergekit's unstable argsort leaves their order to the sort). A row of
+    length 1 gets rho = 0.5 instead of mergekit's 0/0. Models with density >= 1 get p = 1.
     """
     _check_lengths(deltas, densities=densities, epsilons=epsilons)
     if deltas.dim() == 1:  # stacked 0-d tensors
         deltas = deltas.unsqueeze(1)
     axis = _della_rank_axis(deltas)
     length = deltas.shape[axis]
-    order = deltas.abs().argsort(dim=axis)
+    order = deltas.abs().argsort(dim=axis, stable=True)
     positions_shape = [1] * deltas.dim()
     positions_shape[axis] = length
     positions = torch.arange(length, device=deltas.device).reshape(positions_shape).expand_as(order)
@@ -545,7 +554,7 @@ class ChunkedSparsifier:
             grouped, axis = task_vector.reshape(-1, *self.shape[1:]), 1
         length = grouped.shape[axis]
         if length > 1:
-            order = grouped.abs().argsort(dim=axis)  # the same sort as the reference, so ties rank the same
+            order = grouped.abs().argsort(dim=axis, stable=True)  # as the reference: ties rank in index order
             positions_shape = [1] * grouped.dim()
             positions_shape[axis] = length
             positions = torch.arange(length, device=grouped.device).reshape(positions_shape).expand_as(order)

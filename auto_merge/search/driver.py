@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from auto_merge.search.smac_state import atomic_state_writes
 from auto_merge.search.trial import TrialSpec, TrialTarget
 
 SMAC_NAME = "smac"
@@ -227,8 +228,9 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         progress.write(f"run folder: {run_dir}")
     client, cluster = _dask_client(block, progress)
     try:
-        smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
-        smac.optimize()
+        with atomic_state_writes():  # a kill mid-save must not leave a state the rerun cannot read
+            smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
+            smac.optimize()
     except KeyboardInterrupt:
         progress.close()
         print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "

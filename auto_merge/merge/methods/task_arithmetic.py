@@ -126,11 +126,20 @@ def gta_merge(
     """The GTA pipeline for one tensor: out = base + lambda * mix_i(w_i * sparsify(x_i - base)).
 
     ``deltas`` ([N, *shape]) replaces x_i - base when the task vectors were transformed first (fourier).
-    Nothing of size [N, *shape] is allocated on the CPU: task vectors are rebuilt chunk by chunk.
+    Nothing of size [N, *shape] is allocated on the CPU: task vectors are rebuilt chunk by chunk. On CUDA with Triton,
+    the TIES, DARE, Breadcrumbs and DELLA variants run as fused kernels (:mod:`auto_merge.merge.fused_gta`), whose
+    random masks come from Philox counters rather than the CUDA generator.
     """
     base = inputs.base.contiguous()
     shape, device, numel = base.shape, base.device, base.numel()
     models = len(inputs.tensors)
+    if deltas is None and base.is_cuda:
+        from auto_merge.merge import fused_gta  # imports this module
+
+        if inputs.params.method in fused_gta.KERNEL_METHODS and fused_gta.available(device):
+            return fused_gta.gta_merge_fused(inputs.params.method, inputs.params, base,
+                                             [tensor.contiguous() for tensor in inputs.tensors], out=inputs.out,
+                                             seed=inputs.seed, tensor_name=inputs.tensor_name)
     out = inputs.out if inputs.out is not None else torch.empty_like(base)
     if numel == 0:
         return out

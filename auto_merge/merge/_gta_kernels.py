@@ -1,0 +1,122 @@
+"""Triton kernels of :mod:`auto_merge.merge.fused_gta` (imported only where Triton is installed and CUDA is used).
+
+Arithmetic follows the CPU pipeline's IEEE operations step by step: divisions are ``div_rn`` (Triton's ``/`` is an
+approximate division on NVIDIA GPUs) and the launches turn floating-point contraction off (no FMA), so the same inputs
+round as they do on the CPU."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE: tl.constexpr):
+    pointer = tl.load(pointers + model).to(tl.pointer_type(model0_ptr.dtype.element_ty))
+    value = tl.load(pointer + offsets, mask=mask, other=0.0).to(tl.float32)
+    if not RELATIVE:
+        value = value - tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def keep_mask(magnitude, params, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr, RANDOM: tl.constexpr,
+              RANKED: tl.constexpr):
+    """Which entries of one model's block are kept, and their keep probability (column 2, or DELLA's per entry)."""
+    row = params + model * COLUMNS
+    keep = (magnitude >= tl.load(row + 0)) & (magnitude <= tl.load(row + 1))
+    probability = tl.load(row + 2) + tl.zeros_like(magnitude)
+    if RANKED:  # DELLA, for models that drop (column 6 set): p = rho * span + floor, rho the entry's relative rank
+        relative_rank = tl.load(rho + tl.cast(model, tl.int64) * n + offsets, mask=mask, other=0.0)
+        probability = tl.where(tl.load(row + 6) != 0, relative_rank * tl.load(row + 7) + tl.load(row + 8),
+                               probability)
+    if RANDOM:
+        uniform = tl.rand(tl.load(seeds + model), offsets.to(tl.int32))
+        keep = keep & (uniform < probability)
+    return keep, probability
+
+
+@triton.jit
+def bracket_kernel(base_ptr, pointers, model0_ptr, n, query_models, lows, highs, below_counts, inside_counts,
+                   candidates, capacity, queries, RELATIVE: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    for query in range(queries):
+        model = tl.load(query_models + query)
+        magnitude = tl.abs(task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE))
+        low = tl.load(lows + query)
+        high = tl.load(highs + query)
+        below = ((magnitude < low) & mask).to(tl.int32)
+        inside = ((magnitude >= low) & (magnitude <= high) & mask).to(tl.int32)
+        tl.atomic_add(below_counts + query, tl.sum(below, axis=0))
+        start = tl.atomic_add(inside_counts + query, tl.sum(inside, axis=0))
+        # The gathered order varies between runs (atomics); only the sorted values are used.
+        slot = start + tl.cumsum(inside, axis=0) - 1
+        row = candidates + tl.cast(query, tl.int64) * capacity
+        tl.store(row + slot, magnitude, mask=(inside != 0) & (slot < capacity))
+
+
+@triton.jit
+def norms_kernel(base_ptr, pointers, model0_ptr, n, params, seeds, rho, partial, blocks, models,
+                 COLUMNS: tl.constexpr, RELATIVE: tl.constexpr, RANDOM: tl.constexpr, RANKED: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    for model in range(models):
+        magnitude = tl.abs(task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE))
+        keep, _ = keep_mask(magnitude, params, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
+        keep = keep & mask
+        row = partial + tl.cast(model, tl.int64) * 2 * blocks
+        tl.store(row + block, tl.sum(tl.where(mask, magnitude, 0.0), axis=0))
+        tl.store(row + blocks + block, tl.sum(tl.where(keep, magnitude, 0.0), axis=0))
+
+
+@triton.jit
+def weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr,
+             RELATIVE: tl.constexpr, RANDOM: tl.constexpr, RANKED: tl.constexpr, DIVIDE_BY_P: tl.constexpr):
+    # (delta * keep * factor) / divide * weight, in the CPU pipeline's order (exact where factor or divide is 1).
+    value = task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE)
+    keep, probability = keep_mask(tl.abs(value), params, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
+    row = params + model * COLUMNS
+    value = tl.where(keep, value, 0.0) * tl.load(row + 3)
+    divide = tl.load(row + 4) + tl.zeros_like(value)
+    if DIVIDE_BY_P:  # DELLA with inverse_p: each kept entry of a dropping model divided by its own probability
+        divide = tl.where(tl.load(row + 6) != 0, tl.maximum(probability, 1.1754943508222875e-38), divide)
+    value = tl.math.div_rn(value, divide)
+    return value * tl.load(row + 5)
+
+
+@triton.jit
+def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, params, seeds, rho, models, scale, output_scale, divisor,
+               divisor_floor, COLUMNS: tl.constexpr, RELATIVE: tl.constexpr, RANDOM: tl.constexpr,
+               RANKED: tl.constexpr, DIVIDE_BY_P: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+               BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for model in range(models):
+        total += weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS,
+                          RELATIVE, RANDOM, RANKED, DIVIDE_BY_P)
+    if CONSENSUS:
+        # Elected sign: copysign(1, total), i.e. -1 exactly where the sign bit is set (-0.0 included).
+        elected = tl.where(total.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
+        agreeing = tl.zeros([BLOCK], dtype=tl.float32)
+        weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        for model in range(models):  # again: the second read of a block comes from the cache
+            aligned = weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS,
+                               RELATIVE, RANDOM, RANKED, DIVIDE_BY_P) * elected
+            agreeing += tl.maximum(aligned, 0.0)
+            if NORMALIZE:
+                weight_sum += tl.where(aligned > 0, tl.load(params + model * COLUMNS + 5), 0.0)
+        mixed = agreeing * elected
+        if NORMALIZE:
+            mixed = tl.math.div_rn(mixed, tl.where(tl.abs(weight_sum) >= divisor_floor, weight_sum, 1.0))
+    else:
+        mixed = total
+        if NORMALIZE:
+            mixed = tl.math.div_rn(mixed, divisor)
+    base = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    result = (base + mixed * scale) * output_scale
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+KERNELS = {"bracket": bracket_kernel, "norms": norms_kernel, "mix": mix_kernel}
