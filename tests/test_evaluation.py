@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,54 @@ def test_cache_is_shared_by_concurrent_processes(tmp_path):
     with ResultCache(path) as cache:
         assert cache.count() == 2 * 40 * 25
         assert cache.get("candidate-1-39", "task", "ctx", [3, 4]) == {3: {"acc,none": 1}, 4: {"acc,none": 0}}
+
+
+def test_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
+    """Switching a fresh database to WAL from several processes at once makes SQLite answer "locked" without waiting;
+    every opener must still get its cache (found by CI: a dask worker would have lost its trial)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from auto_merge.evaluation.cache import ResultCache
+        start = float(sys.argv[1])
+        while time.time() < start:
+            pass
+        for n in range(25):
+            ResultCache({str(tmp_path)!r} + f"/cache-{{n}}.sqlite").close()
+    """)
+    start = time.time() + 3.0  # past the interpreters' start-up, so the openers collide
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(start)], cwd=REPO, stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
+    failures = [worker.stderr.read() for worker in workers if worker.wait(timeout=120) != 0]
+    assert not failures, failures[0]
+
+
+def test_only_lock_contention_is_retried(tmp_path):
+    cache = ResultCache(tmp_path / "c.sqlite", timeout_s=0.5)
+    answers = iter([sqlite3.OperationalError("database is locked")] * 3 + ["done"])
+
+    def contended():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert cache._retry_while_contended(contended) == "done"
+
+    def broken():
+        raise sqlite3.OperationalError("no such table: results")
+
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        cache._retry_while_contended(broken)
+    assert time.monotonic() - started < 0.1  # raised at once, not retried
+
+    def always_locked():
+        raise sqlite3.OperationalError("database is locked")
+
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        cache._retry_while_contended(always_locked)
+    assert 0.2 < time.monotonic() - started < 2.0  # gave up after about the timeout
 
 
 # ------------------------------------------------------------------------------------------------- objectives

@@ -20,7 +20,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,14 @@ def decode_metrics(text: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def _is_contention(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED (any extended code): another connection holds a lock for now."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(error) or "busy" in str(error)
+
+
 class ResultCache:
     """Per-document metric values by (candidate fingerprint, task, context, document id)."""
 
@@ -72,11 +80,29 @@ class ResultCache:
             # A connection inherited through fork must not be used: open a fresh one in this process.
             connection = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
             connection.execute(f"PRAGMA busy_timeout = {int(self.timeout_s * 1000)}")
-            connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = NORMAL")
-            connection.execute(SCHEMA)
+            self._retry_while_contended(lambda: self._set_up(connection))
             self._connection, self._pid = connection, os.getpid()
         return self._connection
+
+    @staticmethod
+    def _set_up(connection: sqlite3.Connection) -> None:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute(SCHEMA)
+
+    def _retry_while_contended(self, action: Callable[[], Any]) -> Any:
+        # Switching a new database to WAL while another process does the same can fail at once with "database is
+        # locked": SQLite skips the busy handler where waiting could deadlock. Retry until the timeout instead.
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.005
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as error:
+                if not _is_contention(error) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.25)
 
     def get(self, fingerprint: str, task: str, context: str, doc_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """The stored values of those documents that are stored (document id → metrics)."""
