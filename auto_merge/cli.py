@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="experiment config (needed for the reference's flat JSON: models, filters, groups)")
     replay.add_argument("--eval", action="store_true", help="also score the model on the configuration's tasks")
     replay.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    replay.add_argument("--include-path", action="append", type=Path, default=None,
+                        help="folder of the lm-eval tasks for --eval (repeatable; default: the folders the file "
+                             "records, else the project's custom_tasks/)")
+    replay.add_argument("--allow-code-execution", action="store_true",
+                        help="allow tasks that run model-written code (MBPP, HumanEval style) for --eval")
     replay.set_defaults(handler=cmd_replay)
 
     validate = commands.add_parser("validate", help="validate an experiment config without loading any model")
@@ -172,7 +177,8 @@ def cmd_replay(args) -> int:
 
     try:
         report = replay(args.found, args.out_dir, config_path=args.config, overwrite=args.overwrite,
-                        evaluate=args.eval)
+                        evaluate=args.eval, include_paths=args.include_path,
+                        allow_code_execution=args.allow_code_execution)
     except (ReplayError, ConfigError, StrategyError, FileExistsError) as err:
         raise UserFacingError(str(err)) from None
     print(f"wrote {report['out_dir']}")

@@ -9,6 +9,7 @@ Two inputs:
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from auto_merge.search.outputs import SEARCH_CONFIG_FORMAT
@@ -43,8 +44,47 @@ def load_found_configuration(path: Path, config_path: Path | None = None):
     return strategy, values, paths, evaluation_record(config.global_params.evaluation, Path(config.source_file).parent)
 
 
+def evaluation_suite(path: Path, evaluation: dict | None, include_paths: list[Path] | None = None, *,
+                     allow_code_execution: bool = False):
+    """(settings, TaskSuite) to score a replayed model as the search scored it; fails before any model is read.
+
+    Task folders: `include_paths` when given, else the ones the file records, else (when those do not exist here,
+    e.g. a configuration found on another machine) the project's own `custom_tasks/`. Tasks that run model-written
+    code need `allow_code_execution`, whatever the file says.
+    """
+    from auto_merge.config.schema import EvaluationSettings
+    from auto_merge.evaluation.lm_eval_runner import (CodeExecutionNotAllowedError, TaskConfigError, TaskSuite,
+                                                      default_include_paths)
+
+    if not evaluation or not evaluation.get("tasks"):
+        raise ReplayError(f"{path}: evaluation.tasks is empty: the file names no tasks to score the model on")
+    try:
+        settings = EvaluationSettings.model_validate(
+            {key: value for key, value in evaluation.items() if key in EvaluationSettings.model_fields})
+    except ValueError as err:
+        raise ReplayError(f"{path}: evaluation: {err}") from None
+    if include_paths is None:
+        recorded = [Path(p) for p in evaluation.get("include_paths_resolved") or []]
+        include_paths = recorded if recorded and all(p.is_dir() for p in recorded) else None
+        if recorded and include_paths is None:
+            missing = ", ".join(str(p) for p in recorded if not p.is_dir())
+            print(f"note: {path}: evaluation.include_paths_resolved: {missing} does not exist here; looking for the "
+                  f"tasks in {', '.join(map(str, default_include_paths())) or 'lm-eval'} (--include-path to choose)",
+                  file=sys.stderr)
+    try:
+        suite = TaskSuite([t.task for t in settings.tasks], include_paths,
+                          overrides={t.task: t.overrides for t in settings.tasks if t.overrides},
+                          num_fewshot=settings.num_fewshot, allow_code_execution=allow_code_execution)
+    except (TaskConfigError, FileNotFoundError) as err:
+        hint = "; pass --allow-code-execution to run them" if isinstance(err, CodeExecutionNotAllowedError) else \
+            "; pass --include-path FOLDER with the folder of these tasks"
+        raise ReplayError(f"{path}: evaluation.tasks: {err}{hint}") from None
+    return settings, suite
+
+
 def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwrite: bool = False,
-           evaluate: bool = False, seed: int | None = None) -> dict:
+           evaluate: bool = False, seed: int | None = None, include_paths: list[Path] | None = None,
+           allow_code_execution: bool = False) -> dict:
     from ConfigSpace import Configuration
 
     from auto_merge.merge.engine import run_recipe
@@ -61,6 +101,8 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
     except (ValueError, KeyError) as err:
         raise ReplayError(f"{path}: the configuration does not fit the {strategy.name} space: {err}") from None
     recipe = strategy.decode(values)
+    if evaluate:
+        settings, suite = evaluation_suite(path, evaluation, include_paths, allow_code_execution=allow_code_execution)
     catalog = ModelCatalog()
     for ref, folder in model_paths.items():
         if Path(folder, "config.json").is_file():
@@ -69,12 +111,10 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
                         catalog=catalog, progress=True)
     report = {"out_dir": str(result.out_dir), "recipe": recipe}
     if evaluate:
-        if not evaluation:
-            raise ReplayError(f"{path} names no evaluation tasks to score the model on")
-        from auto_merge.evaluation.lm_eval_runner import evaluate_checkpoint
+        from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, load_checkpoint, resolve_device
 
-        tasks = [t["task"] for t in evaluation["tasks"]]
-        include = [Path(p) for p in evaluation.get("include_paths_resolved", [])] or None
-        results = evaluate_checkpoint(out_dir, tasks, include_paths=include)
-        report["scores"] = {t["task"]: results[t["task"]][t["metric"]] for t in evaluation["tasks"]}
+        dtype = settings.torch_dtype if settings.torch_dtype != "auto" else "float32"  # as the search's trials
+        model, tokenizer = load_checkpoint(out_dir, dtype=dtype, device=resolve_device(settings.device))
+        results = LiveEvaluator(model, tokenizer, suite, batch_size=settings.batch_size).evaluate(limit=None)
+        report["scores"] = {t.task: results[t.task][t.metric] for t in settings.tasks}
     return report

@@ -1,0 +1,71 @@
+"""The found configurations shipped in search_config/ replay on the demo zoo, on any machine, to their recorded scores.
+
+They were found by the shipped exp_config/ searches and carry no machine-specific paths: models resolve from their
+references (zoo:NAME), tasks from the project's custom_tasks/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from auto_merge.search.outputs import SEARCH_CONFIG_FORMAT
+from auto_merge.search.replay import ReplayError, replay
+from auto_merge.zoo.build import ensure_zoo
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "search_config").glob("*/*.json"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def zoo():
+    return ensure_zoo()
+
+
+def test_every_shipped_strategy_has_a_found_configuration():
+    assert {path.parent.name for path in SHIPPED} == {"lfs", "lfs_multiobj", "dis", "prune"}
+    for path in SHIPPED:
+        data = json.loads(path.read_text())
+        assert data["format"] == SEARCH_CONFIG_FORMAT and data["model_paths"] == {}
+        assert "include_paths_resolved" not in data["evaluation"] and "run" not in data
+        assert data["strategy"]["strategy"] == path.parent.name
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_shipped_configuration_replays_into_a_loadable_checkpoint(path, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    report = replay(path, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    layers = [s["sources"][0]["layer_range"] for s in report["recipe"]["slices"]]
+    assert model.config.num_hidden_layers == sum(end - start for start, end in layers)
+
+
+# One per strategy (the scoring is the slow part): the replayed model scores what the search recorded.
+SCORED = ["lfs/best.json", "lfs_multiobj/front_1.json", "dis/best.json", "prune/front_0.json"]
+
+
+@pytest.mark.parametrize("name", SCORED)
+def test_shipped_configuration_reproduces_its_recorded_scores(name, tmp_path):
+    path = REPO / "search_config" / name
+    recorded = json.loads(path.read_text())["scores"]
+    report = replay(path, tmp_path / "out", evaluate=True)
+    # Equal in practice (same zoo, same tasks, same settings); the slack covers a zoo trained on another CPU, and is
+    # far below what a wrong recipe or wrong evaluation settings change (tens of points).
+    assert report["scores"] == pytest.approx(recorded, abs=0.01)
+
+
+def test_replay_evaluation_errors_name_the_file_and_the_fix(tmp_path):
+    path = REPO / "search_config" / "lfs" / "best.json"
+    (tmp_path / "tasks").mkdir()
+    with pytest.raises(ReplayError, match=r"best\.json: evaluation\.tasks: unknown task.*--include-path"):
+        replay(path, tmp_path / "out", evaluate=True, include_paths=[tmp_path / "tasks"])
+    assert not (tmp_path / "out").exists()  # refused before anything was merged
+
+    moved = json.loads(path.read_text())
+    moved["evaluation"]["tasks"] = []
+    (tmp_path / "untasked.json").write_text(json.dumps(moved))
+    with pytest.raises(ReplayError, match=r"untasked\.json: evaluation\.tasks is empty"):
+        replay(tmp_path / "untasked.json", tmp_path / "out", evaluate=True)
