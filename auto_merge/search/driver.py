@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -21,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +184,16 @@ def _dask_client(block, progress):
     return None, None
 
 
+@contextlib.contextmanager
+def _without_smacs_empty_mean_warnings():
+    """SMAC's local search formats a debug log with `np.mean` of its step timings even when it took no step, so numpy
+    warns on the user's terminal during many suggestions. Only those two numpy messages are silenced, while SMAC runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning, r"numpy\.")
+        warnings.filterwarnings("ignore", "invalid value encountered in scalar divide", RuntimeWarning, r"numpy\.")
+        yield
+
+
 def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: str | None = None,
                show_progress: bool = True, write_model: bool = True, config=None) -> SearchResult:
     """`config`: the already validated ExperimentConfig of `config_path`, when the caller has it (the CLI)."""
@@ -228,7 +240,8 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         progress.write(f"run folder: {run_dir}")
     client, cluster = _dask_client(block, progress)
     try:
-        with atomic_state_writes():  # a kill mid-save must not leave a state the rerun cannot read
+        # A kill mid-save must not leave a state the rerun cannot read.
+        with atomic_state_writes(), _without_smacs_empty_mean_warnings():
             smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
             smac.optimize()
     except KeyboardInterrupt:

@@ -41,8 +41,8 @@ class ProgressLine:
         self.bar.n = min(done, self.bar.total)
         budget_text = "full" if budget is None else f"{budget:g}"
         self.bar.set_postfix_str(f"budget {budget_text}, best {best:.3f}" if best is not None else
-                                 f"budget {budget_text}")
-        self.bar.refresh()
+                                 f"budget {budget_text}", refresh=False)
+        self.bar.refresh()  # once per trial (in a log file every refresh is a new copy of the line)
 
     def write(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
