@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -259,3 +260,38 @@ def test_the_same_config_gives_the_same_trials_whatever_the_hash_seed(tmp_path):
         runs.append([(t["configuration"], t["budget"], t["scores"]) for t in trials])
     assert len(runs[0]) == 14 and runs[0] == runs[1]
     assert any(t["config_origin"] and "Local Search" in t["config_origin"] for t in trials)
+
+
+def test_a_trial_recorded_but_not_yet_saved_by_smac_is_not_recorded_twice(tmp_path):
+    """The narrow window of a kill: trials.jsonl already holds a trial that SMAC's state does not (it is saved just
+    after). The resumed run may run that trial again (its examples come from the cache); it is not logged twice."""
+    config = write_config(tmp_path, n_trials=6)
+    log = tmp_path / "runs" / "lfs" / "trials.jsonl"
+    dies_before_saving_trial_3 = textwrap.dedent(f"""
+        import os
+        import smac.main.smbo as smbo
+        from auto_merge.search.driver import run_search
+
+        save = smbo.SMBO.save
+        def save_or_die(self):
+            if self._runhistory.finished >= 3:
+                os._exit(9)
+            save(self)
+        smbo.SMBO.save = save_or_die
+        run_search({str(config)!r}, show_progress=False, write_model=False)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    died = subprocess.run([sys.executable, "-c", dies_before_saving_trial_3], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert died.returncode == 9, died.stderr[-2000:]
+    done_before = read_trials(log)
+    assert len(done_before) == 3
+    saved = json.loads((tmp_path / "runs" / "lfs" / "smac" / "0" / "runhistory.json").read_text())
+    assert len(saved["data"]) == 2  # SMAC's state is one trial behind the log
+
+    run_search(config, show_progress=False, write_model=False)
+    trials = read_trials(log)
+    assert trials[:3] == done_before
+    keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"], t["seed"]) for t in trials]
+    assert len(set(keys)) == len(keys), "a trial was logged twice"
+    assert [t["trial"] for t in trials] == list(range(len(trials)))

@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from smac.callback import Callback
@@ -60,6 +61,9 @@ class TrialRecorder(Callback):
         self.progress = progress
         self.objectives = objectives
         self.records = read_trials(path)
+        # Trials logged by an earlier process. A kill between a trial's log line and SMAC's save of its state makes the
+        # resumed SMAC run that trial again (its examples come from the cache): it must not be logged twice.
+        self._logged_earlier = Counter(trial_key(r) for r in self.records)
         self.best = max((r["score"] for r in self.records if r.get("score") is not None), default=None)
         self.progress.update(len(self.records), None, self.best)
 
@@ -95,6 +99,10 @@ class TrialRecorder(Callback):
             "traceback": extra.get("traceback"),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+        if self._logged_earlier[trial_key(record)]:
+            self._logged_earlier[trial_key(record)] -= 1
+            self.progress.update(len(self.records), info.budget, self.best)
+            return None
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
             handle.flush()
@@ -106,6 +114,11 @@ class TrialRecorder(Callback):
             self.progress.write(f"trial {record['trial']} {status}: {record['error'] or 'no result'}")
         self.progress.update(len(self.records), info.budget, self.best)
         return None
+
+
+def trial_key(record: dict) -> str:
+    """What identifies a trial to SMAC: its configuration, budget and seed."""
+    return json.dumps([record["configuration"], record["budget"], record["seed"]], sort_keys=True, default=str)
 
 
 def read_trials(path: Path) -> list[dict]:
