@@ -262,36 +262,54 @@ def test_the_same_config_gives_the_same_trials_whatever_the_hash_seed(tmp_path):
     assert any(t["config_origin"] and "Local Search" in t["config_origin"] for t in trials)
 
 
-def test_a_trial_recorded_but_not_yet_saved_by_smac_is_not_recorded_twice(tmp_path):
-    """The narrow window of a kill: trials.jsonl already holds a trial that SMAC's state does not (it is saved just
-    after). The resumed run may run that trial again (its examples come from the cache); it is not logged twice."""
-    config = write_config(tmp_path, n_trials=6)
-    log = tmp_path / "runs" / "lfs" / "trials.jsonl"
-    dies_before_saving_trial_3 = textwrap.dedent(f"""
-        import os
+# Where a kill can fall after trial 3 is logged: before SMAC saves anything, or between its runhistory and
+# intensifier files (each is replaced whole, but not the two together).
+DIES_AFTER_TRIAL_3 = {
+    "before_smac_saves": ("""
         import smac.main.smbo as smbo
-        from auto_merge.search.driver import run_search
-
         save = smbo.SMBO.save
         def save_or_die(self):
             if self._runhistory.finished >= 3:
                 os._exit(9)
             save(self)
         smbo.SMBO.save = save_or_die
+        """, 2),
+    "between_runhistory_and_intensifier": ("""
+        replace = os.replace
+        def replace_or_die(source, target):
+            if str(target).endswith("intensifier.json"):
+                with open(str(target).replace("intensifier.json", "runhistory.json")) as saved:
+                    if len(json.load(saved)["data"]) >= 3:
+                        os._exit(9)
+            replace(source, target)
+        os.replace = replace_or_die
+        """, 3),
+}
+
+
+@pytest.mark.parametrize("moment", sorted(DIES_AFTER_TRIAL_3))
+def test_a_search_killed_while_saving_a_trial_resumes_without_logging_it_twice(tmp_path, moment):
+    """trials.jsonl already holds trial 3 and SMAC's state holds it partly or not at all. The resumed SMAC may run that
+    trial again (its examples come from the cache); the search finishes and no trial is logged twice."""
+    config = write_config(tmp_path, n_trials=6)
+    log = tmp_path / "runs" / "lfs" / "trials.jsonl"
+    patch, saved_trials = DIES_AFTER_TRIAL_3[moment]
+    script = "import json, os\n" + textwrap.dedent(patch) + textwrap.dedent(f"""
+        from auto_merge.search.driver import run_search
         run_search({str(config)!r}, show_progress=False, write_model=False)
-    """)
+        """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    died = subprocess.run([sys.executable, "-c", dies_before_saving_trial_3], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=400)
+    died = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=400)
     assert died.returncode == 9, died.stderr[-2000:]
     done_before = read_trials(log)
     assert len(done_before) == 3
     saved = json.loads((tmp_path / "runs" / "lfs" / "smac" / "0" / "runhistory.json").read_text())
-    assert len(saved["data"]) == 2  # SMAC's state is one trial behind the log
+    assert len(saved["data"]) == saved_trials
 
     run_search(config, show_progress=False, write_model=False)
     trials = read_trials(log)
     assert trials[:3] == done_before
     keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"], t["seed"]) for t in trials]
     assert len(set(keys)) == len(keys), "a trial was logged twice"
-    assert [t["trial"] for t in trials] == list(range(len(trials)))
+    assert [t["trial"] for t in trials] == list(range(len(trials))) and len(trials) >= 6
