@@ -704,6 +704,30 @@ def test_della_keep_probabilities_design_vector_and_ranks_per_row():
     assert torch.equal(ranks.round()[:8], torch.tensor([1200.0, 0, 1201, 600, 1202, 1, 1203, 601]))
 
 
+def _argsort_ranks(values, dim):
+    order = values.abs().argsort(dim=dim, stable=True)
+    positions = torch.arange(values.shape[dim]).reshape([-1 if d == dim % values.dim() else 1
+                                                           for d in range(values.dim())]).expand_as(order)
+    return torch.empty_like(order).scatter_(dim, order, positions)
+
+
+@pytest.mark.parametrize("shape,dim", [((1, 2400), 1), ((3, 40, 96), 2), ((3, 40, 96), 1), ((2, 5, 7, 9), 2),
+                                       ((4, 1), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_magnitude_ranks_equal_a_stable_argsort(shape, dim, dtype):
+    generator = torch.Generator().manual_seed(11)
+    values = (torch.randn(shape, generator=generator) * 4).round() / 4  # many ties, signed
+    flat = values.view(-1)
+    flat[:: 7] = 0.0
+    flat[3:: 11] = -0.0
+    flat[5:: 13] = float("inf")
+    flat[6:: 17] = -float("inf")
+    values = values.to(dtype)
+    ranks = sparsify.magnitude_ranks(values, dim)
+    assert ranks.dtype == torch.int64 and ranks.shape == values.shape
+    assert torch.equal(ranks, _argsort_ranks(values, dim))
+
+
 def test_della_mask_frequency_and_inverse_p_expectation():
     rows = 100_000
     matrix = vec(0.1, -0.4, 0.2, 0.3).repeat(rows, 1)
