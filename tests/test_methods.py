@@ -455,13 +455,18 @@ def test_magnitude_trim_and_rescale_modes():
     assert_close(inverse, [[5, -5 / 3, 0, -10 / 3, 0], [0, 5, 0, -7.5, 0]])
 
 
-def test_kth_smallest_radix_path_matches_kthvalue():
+@pytest.mark.parametrize("numpy_selection", [True, False], ids=["numpy", "bracket-radix"])
+def test_kth_smallest_matches_kthvalue(numpy_selection, monkeypatch):
+    monkeypatch.setattr(sparsify, "CPU_NUMPY_SELECTION", numpy_selection)
     generator = torch.Generator().manual_seed(5)
     # bf16 rounding creates many ties; exact zeros and a wide dynamic range stress the bucket search
     values = (torch.randn(70_000, generator=generator) * torch.logspace(-6, 1, 70_000)).bfloat16().float().abs()
     values[:500] = 0.0
+    original = values.clone()
     for k in (1, 499, 500, 501, 12_345, 35_000, 69_999, 70_000):
         assert float(sparsify.kth_smallest(values, k)) == float(torch.kthvalue(values, k).values)
+        assert float(sparsify._kth_smallest_radix(values, k)) == float(torch.kthvalue(values, k).values)
+    assert torch.equal(values, original)  # a selection on a copy: the input keeps its order
     with pytest.raises(ValueError, match="out of range"):
         sparsify.kth_smallest(values, 0)
 
@@ -838,6 +843,24 @@ def test_fused_gta_pipeline_matches_the_stacked_reference(method, global_params,
         assert torch.equal(fused, expected)
 
 
+TRIM_CASES = [case for case in GTA_CASES if case[0].startswith(("ties", "breadcrumbs"))
+              and case[1].get("rescale_mode") != "l1"]
+
+
+@pytest.mark.parametrize("method, global_params, per_model_params", TRIM_CASES)
+@pytest.mark.parametrize("shape", [(300, 1000), (129, 2049)], ids=str)
+def test_bracketed_selection_trims_as_numpys_selection(method, global_params, per_model_params, shape, monkeypatch):
+    """The CPU selects thresholds with numpy; the bracketed search (what other devices run) trims identically."""
+    experts, base = gta_inputs(shape, seed=9, repeats=True)
+    expected = reference_gta(method, experts, base, global_params, per_model_params)
+    monkeypatch.setattr(sparsify, "CPU_NUMPY_SELECTION", False)
+    bracketed = sparsify.bracketed_order_statistics
+    calls = []
+    monkeypatch.setattr(sparsify, "bracketed_order_statistics", lambda *a: calls.append(1) or bracketed(*a))
+    assert torch.equal(merge_tensor(method, experts, base, global_params, per_model_params), expected)
+    assert calls  # the bracket path ran
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_fused_gta_pipeline_does_not_depend_on_the_thread_count(method):
     experts, base = gta_inputs((700, 1000), seed=9)
@@ -865,6 +888,7 @@ def test_fused_gta_pipeline_handles_empty_tensors_and_many_models():
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_fused_trims_fall_back_to_the_exact_search_when_a_bracket_misses(method, monkeypatch):
+    monkeypatch.setattr(sparsify, "CPU_NUMPY_SELECTION", False)  # the bracketed search, as on a GPU
     experts, base = gta_inputs((300, 1000), seed=2, repeats=True)
     per_model = [{"weight": 1.0, "density": 0.4, "gamma": 0.05}] * 3 if method == "breadcrumbs" else \
         [{"weight": 1.0, "density": 0.4}] * 3

@@ -15,9 +15,10 @@ Counts such as ``k = floor(density * numel)`` are computed as ``floor(density * 
 keeps 29 entries rather than the 28 that the float product 28.999999999999996 would give. mergekit truncates the raw
 product.
 
-Magnitude thresholds come from k-th order statistics, never from a full sort: a bracket estimated from a strided
-sample, one counting pass and ``torch.kthvalue`` over the few values inside it (exact; a missed bracket falls back to a
-radix pre-selection plus ``torch.kthvalue``), on the CPU and the GPU alike. Every entry whose magnitude equals the
+Magnitude thresholds come from k-th order statistics, never from a full sort. On the CPU: numpy's selection
+(``np.partition``, SIMD introselect: ~2 ns per value against ~7 for the bracket pass below and ~15 for
+``torch.kthvalue``). On other devices: a bracket estimated from a strided sample, one counting pass and an exact
+selection among the few values inside it (a missed bracket falls back to a radix pre-selection). Every entry whose magnitude equals the
 threshold is kept, as in the official TIES code. When magnitudes repeat
 (deltas of bf16 weights), slightly more than k entries can therefore survive. mergekit's ``topk`` keeps exactly k and
 breaks ties arbitrarily.
@@ -34,6 +35,8 @@ from torch import Tensor
 
 RESCALE_MODES = ("none", "l1", "inverse_p")
 L1_NORM_FLOOR = 1e-7
+# The CPU selects with numpy; False runs the bracketed search that other devices use (so tests can run it here).
+CPU_NUMPY_SELECTION = True
 # Below this many elements torch.kthvalue is already cheap; above it, a radix histogram on the fp32 bit pattern
 # narrows the search to one bucket first (about 2.5x faster on CPU for 16M elements).
 _RADIX_MIN_ELEMENTS = 1 << 16
@@ -67,10 +70,19 @@ def kth_smallest(values: Tensor, k: int) -> Tensor:
     count = values.numel()
     if not 1 <= k <= count:
         raise ValueError(f"k={k} is out of range for {count} values")
+    if values.device.type == "cpu" and values.dtype == torch.float32 and CPU_NUMPY_SELECTION:
+        (found,) = cpu_order_statistics(values.contiguous().numpy().copy(), [k])
+        return torch.tensor(found, dtype=torch.float32)
     if values.dtype != torch.float32 or count < _RADIX_MIN_ELEMENTS:
         return small_kth(values, k)
     bracketed = _kth_smallest_bracketed(values, k)
     return bracketed if bracketed is not None else _kth_smallest_radix(values, k)
+
+
+def cpu_order_statistics(scratch, ks: Sequence[int]) -> list[float]:
+    """The k-th smallest (1-based) values of a 1-D fp32 numpy array, which is reordered in place (a selection)."""
+    scratch.partition([k - 1 for k in ks])
+    return [float(scratch[k - 1]) for k in ks]
 
 
 def small_kth(values: Tensor, k: int) -> Tensor:
@@ -517,6 +529,13 @@ class ChunkedSparsifier:
 
         One pass over the chunks brackets them from a strided sample; the whole |task vector| is materialised only
         when a bracket misses. (A GPU's kthvalue sorts: on a whole 7B-shaped tensor it takes seconds.)"""
+        if self.device.type == "cpu" and CPU_NUMPY_SELECTION:  # one pass into a scratch array, then numpy's selection
+            magnitudes = torch.empty(self.numel, dtype=torch.float32)
+            for start in range(0, self.numel, self.chunk_elements):
+                end = min(start + self.chunk_elements, self.numel)
+                self.task_vector(index, start, end, magnitudes[start:end]).abs_()
+            found = cpu_order_statistics(magnitudes.numpy(), ranks)
+            return [torch.as_tensor(value, dtype=torch.float32) for value in found]
         stride = sample_stride(self.numel)
         found: list = [None] * len(ranks)
         if stride is not None:
