@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserFacingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # the project's user-facing errors: one line, no traceback
+        from auto_merge.errors import AutoMergeError
+
+        if not isinstance(err, AutoMergeError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if argv is None and args.handler is cmd_merge:
         exit_without_teardown(code)
     return code
@@ -94,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="check the schema only; do not resolve models or read their headers")
     validate.set_defaults(handler=cmd_validate)
 
-    zoo = commands.add_parser("zoo", help="the demo zoo: a tiny base model and experts built on this machine")
+    zoo = commands.add_parser("zoo", help="the demo zoo: a tiny base model and experts, shipped with the project")
     zoo_commands = zoo.add_subparsers(title="zoo commands", metavar="ZOO_COMMAND")
-    zoo_build = zoo_commands.add_parser("build", help="build (or find cached) base + experts")
+    zoo_build = zoo_commands.add_parser(
+        "build", help="rebuild base + experts with the project's recipe (into the cache) and compare with the shipped zoo")
     zoo_build.add_argument("--out", type=Path, default=None, help="folder to build into (default: the cache)")
     zoo_build.add_argument("--seed", type=int, default=0)
     zoo_build.add_argument("--overwrite", action="store_true", help="rebuild into --out even if it holds a zoo")
@@ -105,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_report.add_argument("--seed", type=int, default=0)
     zoo_report.add_argument("--samples", type=int, default=30, help="random per-layer-group merges to try")
     zoo_report.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    zoo_report.add_argument("--dir", type=Path, default=None,
+                            help="score the zoo in this folder (e.g. a rebuild) instead of the zoo of --seed")
     zoo_report.set_defaults(handler=cmd_zoo_report)
-    zoo_path = zoo_commands.add_parser("path", help="print the folder of a built zoo (building it if needed)")
+    zoo_path = zoo_commands.add_parser("path", help="print the folder of the zoo of --seed (shipped for seed 0)")
     zoo_path.add_argument("--seed", type=int, default=0)
     zoo_path.set_defaults(handler=cmd_zoo_path)
 
@@ -134,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument("--allow-code-execution", action="store_true",
                           help="allow tasks that run model-written code (MBPP, HumanEval style)")
+    evaluate.add_argument("--allow-pickle", action="store_true",
+                          help="accept a pickle (.bin) checkpoint (loaded with weights_only=True)")
+    evaluate.add_argument("--trust-remote-code", action="store_true",
+                          help="let transformers run custom model code shipped in the model folder (auto_map)")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
@@ -179,7 +193,7 @@ def cmd_replay(args) -> int:
         report = replay(args.found, args.out_dir, config_path=args.config, overwrite=args.overwrite,
                         evaluate=args.eval, include_paths=args.include_path,
                         allow_code_execution=args.allow_code_execution)
-    except (ReplayError, ConfigError, StrategyError, FileExistsError) as err:
+    except (ReplayError, ConfigError, StrategyError) as err:
         raise UserFacingError(str(err)) from None
     print(f"wrote {report['out_dir']}")
     for task, score in (report.get("scores") or {}).items():
@@ -188,13 +202,23 @@ def cmd_replay(args) -> int:
 
 
 def cmd_zoo_build(args) -> int:
-    from auto_merge.zoo.build import ensure_zoo
+    from auto_merge.zoo.build import compare_with_shipped, ensure_zoo
 
     try:
         root = ensure_zoo(seed=args.seed, out=args.out, overwrite=args.overwrite)
     except FileExistsError as err:
         raise UserFacingError(str(err)) from None
     print(root)
+    differing = compare_with_shipped(root, args.seed)
+    if differing is None:
+        print(f"no zoo is shipped for seed {args.seed}: `zoo:NAME` with zoo_seed {args.seed} uses this build")
+    elif not differing:
+        print(f"this build equals the shipped zoo of seed {args.seed} file for file (weights, configs, tokenizer, tasks)")
+    else:
+        shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+        print(f"this build differs from the shipped zoo of seed {args.seed} in {len(differing)} file(s): {shown}. "
+              f"Training follows this machine's CPU kernels and library versions; `zoo:NAME` keeps using the "
+              f"shipped files (recorded scores rest on them). `auto-merge zoo report --dir {root}` scores this build.")
     return 0
 
 
@@ -208,7 +232,10 @@ def cmd_zoo_path(args) -> int:
 def cmd_zoo_report(args) -> int:
     from auto_merge.zoo.report import run_report
 
-    report = run_report(seed=args.seed, samples=args.samples, progress=True)
+    try:
+        report = run_report(seed=args.seed, samples=args.samples, progress=True, root=args.dir)
+    except FileNotFoundError as err:
+        raise UserFacingError(str(err)) from None
     print(report.render())
     if args.json:
         report.write_json(args.json)
@@ -217,13 +244,15 @@ def cmd_zoo_report(args) -> int:
 
 def cmd_merge(args) -> int:
     from auto_merge.merge.engine import describe_plan, merge_to_disk, prepare_plan
-    from auto_merge.merge.io import check_output_dir, parse_size
+    from auto_merge.merge.io import parse_size
+    from auto_merge.output_dirs import check_replaceable
 
     try:
         parse_size(args.out_shard_size)
-        if not args.dry_run:
-            check_output_dir(args.out_dir, overwrite=args.overwrite)
-        plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle)
+        plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle)  # headers only
+        if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
+            check_replaceable(args.out_dir, overwrite=args.overwrite,
+                              protected=[model.path for model in plan.models.values()])
     except (ValueError, FileExistsError) as err:  # RecipeError, model resolution and inspection errors
         raise UserFacingError(str(err)) from None
     if args.dry_run:
@@ -234,12 +263,10 @@ def cmd_merge(args) -> int:
 
         if not torch.cuda.is_available():
             raise UserFacingError("--cuda: torch sees no CUDA device")
-    try:
-        result = merge_to_disk(plan, args.out_dir, seed=args.seed, device="cuda" if args.cuda else "cpu",
-                               out_shard_size=args.out_shard_size, overwrite=args.overwrite,
-                               progress=not args.no_progress, recipe_source=str(args.recipe))
-    except FileExistsError as err:  # the folder appeared while merging
-        raise UserFacingError(str(err)) from None
+    # An output folder that appeared while merging is an OutputDirError, printed by main().
+    result = merge_to_disk(plan, args.out_dir, seed=args.seed, device="cuda" if args.cuda else "cpu",
+                           out_shard_size=args.out_shard_size, overwrite=args.overwrite,
+                           progress=not args.no_progress, recipe_source=str(args.recipe))
     print(f"{result.out_dir}: {result.tensors} tensors in {result.shards} shard(s), "
           f"{result.bytes_written / 1e6:.1f} MB, {result.seconds:.1f} s")
     return 0
@@ -247,16 +274,34 @@ def cmd_merge(args) -> int:
 
 def cmd_eval(args) -> int:
     from auto_merge.evaluation.lm_eval_runner import TaskConfigError, evaluate_checkpoint, format_table
+    from auto_merge.models.inspect import ModelInspectionError, inspect_model
 
     model_path = _resolve_model_arg(args.model)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     limit = args.limit
+    if limit is not None and not limit > 0:
+        raise UserFacingError(f"--limit {args.limit:g}: give a number of examples per task (>= 1) or a fraction "
+                              f"in (0, 1)")
     if limit is not None and limit >= 1:
         limit = int(limit)
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserFacingError(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
+    try:  # headers and config only: a truncated, pickle-only or custom-code folder is refused before loading
+        info = inspect_model(args.model, model_path, allow_pickle=args.allow_pickle)
+    except ModelInspectionError as err:
+        raise UserFacingError(f"--model {args.model}: {err}".replace("global_params.allow_pickle: true",
+                                                                     "pass --allow-pickle")) from None
+    if info.config.get("auto_map") and not args.trust_remote_code:
+        raise UserFacingError(f"--model {args.model}: config.json names custom model code (auto_map); pass "
+                              f"--trust-remote-code to run it, or use a model of an architecture transformers knows")
     try:
         results = evaluate_checkpoint(model_path, tasks, limit=limit, batch_size=args.batch_size, device=args.device,
                                       include_paths=args.include_path, dtype=args.dtype,
-                                      allow_code_execution=args.allow_code_execution)
+                                      allow_code_execution=args.allow_code_execution,
+                                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     except (TaskConfigError, FileNotFoundError) as err:
         raise UserFacingError(str(err)) from None
     for task in tasks:

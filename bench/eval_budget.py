@@ -62,10 +62,10 @@ def main() -> None:
     from auto_merge.config.schema import EvaluationSettings
     from auto_merge.evaluation import BudgetedEvaluator, load_checkpoint
     from auto_merge.merge.live import ResidentSources, TensorSpec, materialise_into
-    from auto_merge.zoo.build import ensure_zoo
+    from auto_merge.zoo import zoo_root
     from auto_merge.zoo.report import EXPERTS, N_GROUPS, RANDOM_COEFFICIENT_RANGE, group_of
 
-    root = ensure_zoo(seed=0, show_progress=False)
+    root = zoo_root(0)
     model, tokenizer = load_checkpoint(root / "base", device=args.device)
     sources = ResidentSources.from_checkpoints(root / "base", [root / name for name in EXPERTS], device=args.device)
     n_layers = model.config.num_hidden_layers

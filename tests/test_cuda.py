@@ -88,10 +88,10 @@ def test_gpu_gta_recipes_run_through_the_fused_kernels(monkeypatch, tmp_path):
     from auto_merge.merge.engine import run_recipe
     from auto_merge.merge.live import LiveMerger
     from auto_merge.merge.recipe import parse_recipe
-    from auto_merge.zoo.build import ensure_zoo
+    from auto_merge.zoo import zoo_root
 
     pytest.importorskip("triton")
-    zoo = ensure_zoo(seed=0, show_progress=False)
+    zoo = zoo_root(0)
     calls = []
     fused = fused_gta.gta_merge_fused
     monkeypatch.setattr(fused_gta, "gta_merge_fused", lambda *a, **k: calls.append(a[0]) or fused(*a, **k))

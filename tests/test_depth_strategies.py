@@ -237,9 +237,9 @@ def test_reference_prune_configurations_import():
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    from auto_merge.zoo.build import ensure_zoo
+    from auto_merge.zoo import zoo_root
 
-    return ensure_zoo(seed=0, show_progress=False)
+    return zoo_root(0)
 
 
 def test_folded_scale_equals_scaling_the_mlp_branch(zoo, tmp_path):

@@ -19,7 +19,8 @@ from auto_merge.merge.engine import MERGEKIT_FILE, RECIPE_FILE, merge_to_disk, p
 from auto_merge.merge.io import CheckpointReader, parse_size
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.recipe import RecipeError, interpolate, load_recipe, parse_recipe
-from auto_merge.zoo.build import ensure_zoo
+from auto_merge.output_dirs import OutputDirError
+from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
@@ -35,7 +36,7 @@ EXPECTED = {  # kind → (output layers, output dtype)
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    return ensure_zoo(seed=0, show_progress=False)
+    return zoo_root(0)
 
 
 @pytest.fixture(scope="module")
@@ -241,8 +242,12 @@ def test_output_is_atomic_and_never_overwritten_without_permission(zoo, tmp_path
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(OutputDirError, match="--overwrite"):
         run_recipe(RECIPES / "linear.yml", out)
+    # A folder auto-merge did not write is never replaced, even with overwrite.
+    with pytest.raises(OutputDirError, match="not written by auto-merge"):
+        run_recipe(RECIPES / "linear.yml", out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
 
     class FailingReader(CheckpointReader):
         def get_tensor(self, name):
@@ -251,13 +256,15 @@ def test_output_is_atomic_and_never_overwritten_without_permission(zoo, tmp_path
             return super().get_tensor(name)
 
     plan = prepare_plan(RECIPES / "linear.yml")
+    earlier = tmp_path / "earlier"
+    merge_to_disk(plan, earlier)
+    first = (earlier / "model.safetensors").read_bytes()
     with pytest.raises(OSError, match="disk vanished"):
-        merge_to_disk(plan, out, overwrite=True, reader_factory=FailingReader)
-    assert (out / "keep.txt").read_text() == "precious"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
-    merge_to_disk(plan, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+        merge_to_disk(plan, earlier, overwrite=True, reader_factory=FailingReader)
+    assert (earlier / "model.safetensors").read_bytes() == first  # the earlier output is intact
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier", "out"]  # no temporary left
+    merge_to_disk(plan, earlier, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["earlier", "out"]
 
 
 def test_pickle_checkpoints_need_an_explicit_opt_in(zoo, zoo_state, tmp_path):
@@ -447,10 +454,9 @@ def test_reader_views_survive_release_and_a_truncated_file_is_an_error(zoo, zoo_
     shutil.copy(zoo / "num" / "config.json", truncated / "config.json")
     data = (zoo / "num" / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    with CheckpointReader(truncated) as reader:
-        last = max(reader.names, key=lambda n: _offsets(zoo / "num" / "model.safetensors")[n])
-        with pytest.raises(ModelInspectionError, match="ends inside"):
-            reader.get_tensor(last)
+    # Found from the header when the file is opened, before any tensor is read.
+    with pytest.raises(ModelInspectionError, match="truncated or corrupt.*lies at bytes"):
+        CheckpointReader(truncated)
 
     # Shift the data by 2 bytes (header padded with a space): fp32 tensors are no longer 4-byte aligned.
     (header_length,) = struct.unpack("<Q", data[:8])

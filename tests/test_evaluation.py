@@ -33,7 +33,7 @@ from auto_merge.evaluation import (
     task_cost,
 )
 from auto_merge.evaluation.lm_eval_runner import quiet
-from auto_merge.zoo.build import ensure_zoo
+from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
@@ -47,7 +47,7 @@ METRICS = {"zoo_num": "exact_match,none", "zoo_rev": "exact_match,none", "zoo_co
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    return ensure_zoo(seed=0, show_progress=False)
+    return zoo_root(0)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from auto_merge.merge.engine import run_recipe
 from auto_merge.merge.live import LiveMerger, ResidentModels, ResidentSources, TensorSpec, materialise_into
 from auto_merge.merge.recipe import parse_recipe
-from auto_merge.zoo.build import ensure_zoo
+from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
@@ -20,7 +20,7 @@ PROMPTS = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 20, 21, 22, 23, 24]])
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    return ensure_zoo(seed=0, show_progress=False)
+    return zoo_root(0)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ import yaml
 
 from auto_merge.config import ConfigError, NormalModelsBlock, NormalSlicesBlock, load_experiment
 from auto_merge.merge.recipe import parse_recipe
-from auto_merge.search.driver import SearchError, run_search
+from auto_merge.output_dirs import OutputDirError
+from auto_merge.search.driver import run_search
 from auto_merge.strategies.oneshot import OneShotError, OneShotMerge, block_to_recipe, input_models, recipe_depth
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def test_normal_models_runs_saves_scores_and_refuses_a_changed_config(tmp_path, 
 
     # Another config in the same folder is refused (nothing lost), unless --overwrite.
     changed = shipped_config(tmp_path, "config_normal_models.yaml", limit=20)
-    with pytest.raises(SearchError, match="different config.*--overwrite"):
+    with pytest.raises(OutputDirError, match="different config.*--overwrite"):
         run_search(changed, show_progress=False)
     assert json.loads((run_dir / "final_scores.json").read_text()) == resumed.final_scores
     redone = run_search(changed, show_progress=False, overwrite=True)

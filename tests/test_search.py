@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auto_merge.search.driver import SearchError, hyperband_round, run_search, trials_for_total_budget
+from auto_merge.output_dirs import OutputDirError
+from auto_merge.search.driver import hyperband_round, run_search, trials_for_total_budget
 from auto_merge.search.outputs import read_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_rerun_resumes_and_a_changed_config_is_refused(tmp_path):
     assert read_trials(again.run_dir / "trials.jsonl") == first
 
     changed = write_config(tmp_path, n_trials=5)
-    with pytest.raises(SearchError, match="different config.*--overwrite"):
+    with pytest.raises(OutputDirError, match="different config.*--overwrite"):
         run_search(changed, show_progress=False)
     assert read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl") == first  # nothing lost
 

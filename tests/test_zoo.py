@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from auto_merge.zoo.build import MANIFEST, ensure_zoo, recipe_fingerprint
+from auto_merge.zoo import zoo_root
+from auto_merge.zoo.build import MANIFEST, compare_with_shipped, ensure_zoo, recipe_fingerprint
+from auto_merge.zoo.paths import SHIPPED_ROOT
 from auto_merge.zoo.tasks import TASKS, task_files
 from auto_merge.zoo.train import DEFAULT_RECIPE, ModelShape, Recipe
 from auto_merge.zoo.world import SKILLS, build_world, eval_docs, sample_example
@@ -25,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def zoo() -> Path:
-    """The shipped zoo (seed 0), built on first use and cached across runs."""
-    return ensure_zoo(seed=0, show_progress=False)
+    """The shipped zoo (seed 0): never trained by the tests."""
+    return zoo_root(0)
 
 
 def test_world_is_a_pure_function_of_the_seed():
@@ -82,6 +84,53 @@ def test_shipped_task_folder_is_the_generator_output_for_seed_0():
     for relative, content in expected.items():
         assert (folder / relative).read_text() == content, relative
     assert {p.name for p in folder.glob("*.yaml")} == {f"{name}.yaml" for name in TASKS}
+
+
+def test_zoo_references_resolve_to_the_shipped_files_without_training(tmp_path, monkeypatch):
+    import auto_merge.zoo.build as build
+    from auto_merge.models.resolve import resolve_model_ref
+
+    monkeypatch.setenv("AUTO_MERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "ensure_zoo", lambda *a, **k: pytest.fail("a zoo was trained"))
+    for name in ("base", "num", "rev", "col"):
+        assert resolve_model_ref(f"zoo:{name}") == SHIPPED_ROOT / "seed0" / name
+    assert zoo_root(0) == SHIPPED_ROOT / "seed0"
+    assert not any(tmp_path.iterdir())
+
+
+def test_shipped_zoo_is_the_recipe_and_world_of_seed_0():
+    shipped = SHIPPED_ROOT / "seed0"
+    manifest = json.loads((shipped / MANIFEST).read_text())
+    assert manifest["seed"] == 0
+    assert manifest["recipe"] == json.loads(json.dumps(DEFAULT_RECIPE.to_dict()))
+    assert {"torch", "transformers", "cpu_capability"} <= set(manifest["built_with"])
+    for relative, content in task_files(build_world(0)).items():
+        assert (shipped / "tasks" / relative).read_text() == content, relative
+    for name in ("base", "num", "rev", "col"):
+        assert json.loads((shipped / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_a_rebuild_is_compared_file_for_file_with_the_shipped_zoo(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import auto_merge.zoo.build as build
+    from auto_merge.cli import main
+
+    copy = shutil.copytree(SHIPPED_ROOT / "seed0", tmp_path / "zoo")
+    assert compare_with_shipped(copy, 0) == []
+    assert compare_with_shipped(copy, 7) is None  # nothing shipped for seed 7
+    monkeypatch.setattr(build, "ensure_zoo", lambda **kwargs: copy)
+    assert main(["zoo", "build"]) == 0
+    assert "equals the shipped zoo of seed 0" in capsys.readouterr().out
+
+    weights = bytearray((copy / "num" / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit of one weight, as another CPU's training would give
+    (copy / "num" / "model.safetensors").write_bytes(bytes(weights))
+    assert compare_with_shipped(copy, 0) == ["num/model.safetensors"]
+    assert main(["zoo", "build"]) == 0
+    out = capsys.readouterr().out
+    assert "differs from the shipped zoo of seed 0 in 1 file(s): num/model.safetensors" in out
+    assert "keeps using the shipped files" in out
 
 
 def test_fingerprint_tracks_recipe_and_seed():

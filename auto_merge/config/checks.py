@@ -21,34 +21,17 @@ from auto_merge.config.schema import (
     NormalSlicesBlock,
     PruneBlock,
 )
-from auto_merge.models.inspect import ModelInfo, ModelInspectionError, inspect_model, text_config
+from auto_merge.models.inspect import (
+    ModelInfo,
+    ModelInspectionError,
+    architecture_differences,
+    architecture_signature,
+    inspect_model,
+)
 from auto_merge.models.resolve import ModelResolutionError, resolve_model_ref
 
-# config.json fields that must agree for tensors to be mergeable, with GPT-2 style alternative names.
-ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
-    "model_type": ("model_type",),
-    "architectures": ("architectures",),
-    "hidden_size": ("hidden_size", "n_embd"),
-    "num_attention_heads": ("num_attention_heads", "n_head"),
-    "num_key_value_heads": ("num_key_value_heads",),
-    "head_dim": ("head_dim",),
-    "intermediate_size": ("intermediate_size", "n_inner"),
-}
-
-
-def architecture_signature(config: dict[str, Any]) -> dict[str, Any]:
-    """The fields of ARCHITECTURE_FIELDS, with the usual defaults filled in (kv heads = heads, head_dim = hidden /
-    heads) so that configs that spell them out and configs that do not compare equal."""
-    inner = text_config(config)
-    signature = {}
-    for name, spellings in ARCHITECTURE_FIELDS.items():
-        source = config if name in ("model_type", "architectures") else inner
-        signature[name] = next((source[key] for key in spellings if key in source), None)
-    if signature["num_key_value_heads"] is None:
-        signature["num_key_value_heads"] = signature["num_attention_heads"]
-    if signature["head_dim"] is None and signature["hidden_size"] and signature["num_attention_heads"]:
-        signature["head_dim"] = signature["hidden_size"] // signature["num_attention_heads"]
-    return signature
+def _is_vocabulary_tensor(name: str) -> bool:
+    return "embed" in name or "lm_head" in name or name.endswith("wte.weight")
 
 
 def _describe_signature(signature: dict[str, Any]) -> str:
@@ -93,6 +76,11 @@ class _ModelChecker:
             self.problem(subpath, str(error), "a model folder with config.json and safetensors weights")
             self.failed.add(reference)
             return None
+        if info.config.get("auto_map") and not self.params.trust_remote_code:
+            self.problem(subpath, f"model {reference!r} needs custom code from its folder to load (config.json has "
+                                  f"auto_map: {sorted(info.config['auto_map'])})",
+                         "global_params.trust_remote_code: true (runs that folder's Python code), or a model of "
+                         "an architecture transformers knows")
         self.infos[reference] = info
         return info
 
@@ -100,15 +88,36 @@ class _ModelChecker:
         if model is None or base is None or model.reference == base.reference:
             return
         expected = architecture_signature(base.config)
-        actual = architecture_signature(model.config)
-        # A field missing on either side (e.g. no `architectures` in an old config.json) cannot show a difference.
-        differences = [f"{name} {actual[name]!r} (base: {expected[name]!r})" for name in ARCHITECTURE_FIELDS
-                       if None not in (actual[name], expected[name]) and actual[name] != expected[name]]
+        differences = architecture_differences(model.config, base.config)
         if differences:
             self.problem(subpath, f"model {model.reference!r} does not share the base model's architecture: "
                                   f"{'; '.join(differences)}",
                          f"models with the architecture of base model {base.reference!r} "
                          f"({_describe_signature(expected)}); vocab_size may differ")
+        elif model.depth == base.depth and model.shapes and base.shapes:
+            self.same_tensors(subpath, model, base)
+
+    def same_tensors(self, subpath: KeyPath, model: ModelInfo, base: ModelInfo) -> None:
+        """An identical config.json can still hide a missing tensor or one of another shape (headers tell)."""
+        missing = sorted(set(base.shapes) - set(model.shapes))
+        extra = sorted(set(model.shapes) - set(base.shapes))
+        reshaped = sorted(name for name in set(base.shapes) & set(model.shapes)
+                          if model.shapes[name] != base.shapes[name]
+                          and not (_is_vocabulary_tensor(name) and model.shapes[name][1:] == base.shapes[name][1:]))
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} tensor(s) of the base, e.g. {missing[0]}")
+        if extra:
+            details.append(f"{len(extra)} tensor(s) the base lacks, e.g. {extra[0]}")
+        if reshaped:
+            name = reshaped[0]
+            details.append(f"{len(reshaped)} tensor(s) of another shape, e.g. {name} {list(model.shapes[name])} "
+                           f"(base: {list(base.shapes[name])})")
+        if details:
+            self.problem(subpath, f"model {model.reference!r} does not have the base model's tensors: "
+                                  f"{'; '.join(details)}",
+                         f"models with the tensor names and shapes of base model {base.reference!r} (the "
+                         f"vocabulary dimension of embeddings and head may differ)")
 
     def depth_of(self, subpath: KeyPath, model: ModelInfo | None) -> int | None:
         if model is None:

@@ -18,7 +18,8 @@ def format_key_path(key_path: Sequence[str | int]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            part = str(part) if str(part).isascii() else ascii(str(part))  # look-alike characters made visible
+            text += f".{part}" if text else part
     return text or "(top level)"
 
 

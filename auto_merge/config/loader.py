@@ -1,7 +1,13 @@
 """YAML loading with `!include` (relative to the including file, recursive, cycle-checked) and a source map that
 remembers which file and line every key came from, so errors can name the file the user has to edit.
 
-The reference's `!function` tag (which imports and runs Python next to the YAML) is refused: configs never run code.
+Configs are data, never code, and loading one is bounded:
+- only YAML's core tags (str, int, float, bool, null, seq, map, and `<<` merge keys) and `!include`; the reference's
+  `!function` and every `!!python/...` tag are refused, on scalars, lists and mappings alike;
+- `!include` reads only `.yaml`/`.yml` files inside the top-level config's folder (no absolute paths, no `..` out
+  of it), and never echoes another file's content;
+- a file is at most :data:`MAX_FILE_BYTES`, and the document at most :data:`MAX_NODES` values once aliases are
+  expanded (an alias "bomb" of nested anchors is an error, not a hang).
 """
 
 from __future__ import annotations
@@ -21,6 +27,13 @@ if TYPE_CHECKING:
 INCLUDE_TAG = "!include"
 FUNCTION_TAG = "!function"
 _STANDARD_TAG_PREFIX = "tag:yaml.org,2002:"
+_ALLOWED_TAGS = {_STANDARD_TAG_PREFIX + name for name in ("str", "int", "float", "bool", "null", "seq", "map")}
+_ALLOWED_TAGS_TEXT = "plain YAML values (strings, numbers, booleans, null, lists, mappings) and !include"
+_TIMESTAMP_TAG = _STANDARD_TAG_PREFIX + "timestamp"
+_MERGE_TAG = _STANDARD_TAG_PREFIX + "merge"
+INCLUDE_SUFFIXES = (".yaml", ".yml")
+MAX_FILE_BYTES = 1024 * 1024
+MAX_NODES = 200_000
 
 
 @dataclass
@@ -37,7 +50,7 @@ def load_yaml_with_includes(path: str | Path) -> LoadedYaml:
     custom tag, refuse duplicate keys. Every failure is a ConfigError naming the offending file."""
     root = Path(path).expanduser().resolve()
     sources = SourceMap(root_file=root)
-    builder = _DocumentBuilder(sources)
+    builder = _DocumentBuilder(sources, confine_to=root.parent)
     data = builder.load_file(root, key_path=(), include_chain=(), included_from=None)
     return LoadedYaml(path=root, data=data, sources=sources)
 
@@ -45,8 +58,10 @@ def load_yaml_with_includes(path: str | Path) -> LoadedYaml:
 class _DocumentBuilder:
     """Turns YAML node trees into plain Python data while recording marks in the source map."""
 
-    def __init__(self, sources: SourceMap):
+    def __init__(self, sources: SourceMap, confine_to: Path):
         self.sources = sources
+        self.confine_to = confine_to
+        self.nodes_built = 0
 
     def _error(self, location: Location, key_path: KeyPath | None, message: str, allowed: str) -> ConfigError:
         return ConfigError([ConfigProblem(location, key_path, message, allowed)], config_file=self.sources.root_file)
@@ -61,19 +76,25 @@ class _DocumentBuilder:
     ) -> Any:
         reference_location = included_from or Location(file)
         if not file.is_file():
+            what = ("not found" if not file.exists() else "is a folder, not a file" if file.is_dir()
+                    else "is not a regular file")
             if included_from is None:
-                raise ConfigError.single(file, "config file not found" if not file.exists() else "not a file",
-                                         allowed="a path to an existing YAML file")
-            raise self._error(included_from, key_path, f"!include file not found: {file}",
+                raise ConfigError.single(file, f"config file {what}", allowed="a path to an existing YAML file")
+            raise self._error(included_from, key_path, f"!include file {what}: {file}",
                               "a YAML file path relative to the including file's folder")
+        size = file.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise self._error(reference_location, key_path if included_from else None,
+                              f"{file} is {size} bytes, more than a config can be", f"at most {MAX_FILE_BYTES} bytes")
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise self._error(reference_location, key_path if included_from else None,
                               f"cannot read {file}: {error}", "a readable UTF-8 YAML file") from error
-        loader = yaml.SafeLoader(text)
+        loader = None
         try:
             try:
+                loader = yaml.SafeLoader(text)  # checks the characters: a control byte is an error here
                 root_node = loader.get_single_node()
             except yaml.MarkedYAMLError as error:
                 mark = error.problem_mark or error.context_mark
@@ -89,7 +110,8 @@ class _DocumentBuilder:
             self.sources.value_locations[key_path] = Location(file, root_node.start_mark.line + 1)
             return self._build(loader, root_node, file, key_path, include_chain + (file,), active_nodes=set())
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def _build(
         self,
@@ -101,18 +123,25 @@ class _DocumentBuilder:
         active_nodes: set[int],
     ) -> Any:
         location = Location(file, node.start_mark.line + 1)
+        self.nodes_built += 1
+        if self.nodes_built > MAX_NODES:  # aliases are expanded: nested anchors grow exponentially
+            raise self._error(location, key_path, f"the config expands to more than {MAX_NODES} values (YAML "
+                              f"aliases referring to aliases?)", "a config of ordinary size")
         if node.tag == INCLUDE_TAG:
             return self._include(loader, node, file, key_path, include_chain, location)
         if node.tag == FUNCTION_TAG:
             raise self._error(location, key_path, "the !function tag is not supported (configs may not run code)",
                               "plain YAML values and !include")
-        if not node.tag.startswith(_STANDARD_TAG_PREFIX):
-            raise self._error(location, key_path, f"unknown YAML tag {node.tag}",
-                              "plain YAML values and !include")
+        if node.tag not in _ALLOWED_TAGS and not (node.tag == _TIMESTAMP_TAG and isinstance(node, ScalarNode)):
+            tag = node.tag.replace(_STANDARD_TAG_PREFIX, "!!")
+            raise self._error(location, key_path, f"YAML tag {tag} is not allowed (configs are data, never code)",
+                              _ALLOWED_TAGS_TEXT)
         if id(node) in active_nodes:  # an alias to one of its own ancestors
             raise self._error(location, key_path, "recursive YAML alias",
                               "aliases to values that do not contain themselves")
         if isinstance(node, ScalarNode):
+            if node.tag == _TIMESTAMP_TAG:  # an unquoted date is text here (names, notes), never a datetime
+                return str(node.value)
             return loader.construct_object(node, deep=True)
         active_nodes = active_nodes | {id(node)}
         if isinstance(node, SequenceNode):
@@ -124,22 +153,32 @@ class _DocumentBuilder:
                 items.append(self._build(loader, item_node, file, item_path, include_chain, active_nodes))
             return items
         if isinstance(node, MappingNode):
+            explicit = sum(1 for key_node, _ in node.value if key_node.tag != _MERGE_TAG)
             try:
-                loader.flatten_mapping(node)  # expands `<<: *anchor` merge keys
+                loader.flatten_mapping(node)  # expands `<<: *anchor` merge keys (their pairs come first)
             except yaml.MarkedYAMLError as error:
                 raise self._error(location, key_path, f"bad merge key: {error.problem}",
                                   "`<<:` with a mapping or list of mappings") from error
+            merged = len(node.value) - explicit
             mapping: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
+            from_merge: set = set()
+            for index, (key_node, value_node) in enumerate(node.value):
                 key_location = Location(file, key_node.start_mark.line + 1)
-                if not isinstance(key_node, ScalarNode) or not key_node.tag.startswith(_STANDARD_TAG_PREFIX):
+                if not isinstance(key_node, ScalarNode) or key_node.tag not in _ALLOWED_TAGS:
                     raise self._error(key_location, key_path, "mapping keys must be plain scalars",
                                       "plain scalar keys")
                 key = loader.construct_object(key_node, deep=True)
                 child_path = key_path + (key,)
-                if key in mapping:
+                if index < merged:  # YAML merge semantics: the first merged value wins, written keys override
+                    if key in mapping:
+                        continue
+                    from_merge.add(key)
+                elif key in mapping and key not in from_merge:
                     raise self._error(key_location, child_path, "duplicate key",
                                       "each key once per mapping")
+                elif key in from_merge:  # a written key overriding a merged one: it is where the value comes from
+                    from_merge.discard(key)
+                    self.sources.value_locations.pop(child_path, None)
                 self.sources.key_locations[child_path] = key_location
                 self.sources.value_locations.setdefault(child_path, Location(file, value_node.start_mark.line + 1))
                 mapping[key] = self._build(loader, value_node, file, child_path, include_chain, active_nodes)
@@ -159,7 +198,16 @@ class _DocumentBuilder:
         if not isinstance(node, ScalarNode) or not str(node.value).strip():
             raise self._error(location, key_path, "!include needs a file name",
                               "`!include other.yaml` (a path relative to this file)")
-        target = (file.parent / Path(str(node.value).strip()).expanduser()).resolve()
+        name = str(node.value).strip()
+        allowed = (f"a .yaml/.yml file inside {self.confine_to} (the top-level config's folder), given relative "
+                   f"to the including file")
+        if Path(name).is_absolute() or name.startswith("~"):
+            raise self._error(location, key_path, f"!include {name}: absolute paths are not allowed", allowed)
+        target = (file.parent / name).resolve()
+        if target != self.confine_to and self.confine_to not in target.parents:
+            raise self._error(location, key_path, f"!include {name}: outside the config's folder", allowed)
+        if target.suffix.lower() not in INCLUDE_SUFFIXES:
+            raise self._error(location, key_path, f"!include {name}: not a YAML file name", allowed)
         if target in include_chain:
             cycle = " -> ".join(path.name for path in include_chain[include_chain.index(target):] + (target,))
             raise self._error(location, key_path, f"!include cycle: {cycle}",

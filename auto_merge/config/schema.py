@@ -558,7 +558,9 @@ class SearchSettings(StrictModel):
     trial_walltime_limit: Optional[float] = Field(
         None, gt=0, description="New. Seconds after which a trial is stopped and recorded as a timeout")
     run_name: Optional[str] = Field(
-        None, min_length=1, description="New. Folder name of this run under output_path (default: the strategy)")
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+        description="New. Folder name of this run under output_path (default: the strategy): one plain name, "
+                    "so the run stays inside output_path")
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "SearchSettings":
@@ -953,8 +955,56 @@ def _problems_from_validation_error(error: ValidationError, data: Any, sources: 
         # The members of one union (e.g. `str | list[str]`) fail together: merge them into one line.
         _add(found, path, message, allowed, group="type" if details["type"] in _TYPE_WORDS else message,
              about_key=details["type"] == "extra_forbidden")
-    return [ConfigProblem(sources.locate(path, about_key=about_key), path, message, " or ".join(allowed) or None)
-            for (path, _), (message, allowed, about_key) in found.items()]
+    _explain_typos(found)
+    problems = [ConfigProblem(sources.locate(path, about_key=about_key), path, message, " or ".join(allowed) or None)
+                for (path, _), (message, allowed, about_key) in found.items()]
+    return _once_per_place(problems)
+
+
+def _explain_typos(found: dict) -> None:
+    """An unknown key close to an allowed one says "did you mean"; the "missing" problem of the key it was meant to
+    be is then the same mistake and is dropped. Keys with non-ASCII characters are shown escaped (a Cyrillic 'а'
+    looks like a Latin 'a' but is another key)."""
+    import difflib
+
+    for (path, group), (message, allowed, about_key) in list(found.items()):
+        if not (about_key and message.startswith("unknown key")):
+            continue
+        key = str(path[-1])
+        container = _annotation_at(path[:-1])
+        names = list(container.model_fields) if _is_model(container) else []
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+        shown = ascii(key) if not key.isascii() else repr(key)
+        text = f"unknown key {shown}" + (" (it contains non-ASCII characters)" if not key.isascii() else "")
+        if close:
+            text += f"; did you mean {close[0]!r}?"
+            for other in list(found):
+                if other[0] == path[:-1] + (close[0],) and found[other][0] == "required key is missing":
+                    del found[other]
+        found[(path, group)] = (text, allowed, about_key)
+
+
+def _once_per_place(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """A file included by several strategies (lfs.yaml under lfs and lfs_multiobj) fails the same way under each:
+    one problem per file, line and mistake, naming the other strategies that include it."""
+    kept: dict[tuple, ConfigProblem] = {}
+    also: dict[tuple, list[str]] = {}
+    for problem in problems:
+        path = problem.key_path or ()
+        inner = path[2:] if len(path) > 2 and path[0] == "strategies" else path
+        place = (str(problem.location), inner, problem.message, problem.allowed)
+        if place in kept and path[:1] == ("strategies",):
+            also[place].append(str(path[1]))
+            continue
+        kept[place], also[place] = problem, []
+    result = []
+    for place, problem in kept.items():
+        if also[place]:
+            problem = ConfigProblem(problem.location, problem.key_path,
+                                    f"{problem.message} (also under strategies {', '.join(also[place])}, which "
+                                    f"include the same file)", problem.allowed)
+        result.append(problem)
+    return result
 
 
 def _add(found: dict, path: KeyPath, message: str, allowed: str | None, *, group: str, about_key: bool) -> None:

@@ -299,7 +299,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: str = "float32", device: str
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), use_safetensors=not allow_pickle, trust_remote_code=trust_remote_code
+        # None lets transformers take safetensors when present and fall back to a pickle only when allowed.
+        path, dtype=getattr(torch, dtype), use_safetensors=None if allow_pickle else True,
+        trust_remote_code=trust_remote_code
     ).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -436,9 +438,11 @@ def metric_values(values: dict) -> dict[str, float]:
 
 def evaluate_checkpoint(path, tasks: list[str], limit=None, batch_size: int = 64, device: str = "cpu",
                         include_paths: list[Path] | None = None, dtype: str = "float32",
-                        allow_code_execution: bool = False) -> dict[str, dict[str, float]]:
+                        allow_code_execution: bool = False, allow_pickle: bool = False,
+                        trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
     suite = TaskSuite(tasks, include_paths, allow_code_execution=allow_code_execution)
-    model, tokenizer = load_checkpoint(path, dtype=dtype, device=resolve_device(device))
+    model, tokenizer = load_checkpoint(path, dtype=dtype, device=resolve_device(device), allow_pickle=allow_pickle,
+                                       trust_remote_code=trust_remote_code)
     return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size).evaluate(limit=limit)
 
 

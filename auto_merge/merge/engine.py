@@ -14,7 +14,7 @@ The output folder gets the tensors, ``config.json`` (layer count, vocabulary siz
 (:mod:`auto_merge.merge.tokenizer`), the template model's ``generation_config.json``, the recipe
 (``auto_merge_recipe.yml``), its mergekit export (``mergekit_config.yml``, when mergekit can express it) and a model
 card (``README.md``) that records both and how to reproduce the merge. It is built beside ``OUT_DIR`` and renamed
-into place at the end (:func:`auto_merge.merge.io.atomic_output_dir`).
+into place at the end (:func:`auto_merge.output_dirs.atomic_folder`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from auto_merge.merge.io import (
     CheckpointReader,
     OutputTensor,
     ShardedWriter,
-    atomic_output_dir,
-    check_output_dir,
     copy_files,
     parse_size,
     plan_shards,
@@ -46,6 +44,8 @@ from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
 from auto_merge.merge.recipe import MergekitExportError, Recipe, load_recipe, to_mergekit_yaml
 from auto_merge.merge.tokenizer import write_tokenizer
+from auto_merge.errors import AutoMergeError
+from auto_merge.output_dirs import atomic_folder, check_replaceable
 
 RECIPE_FILE = "auto_merge_recipe.yml"
 MERGEKIT_FILE = "mergekit_config.yml"
@@ -232,7 +232,8 @@ def merge_to_disk(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("--cuda was given but torch sees no CUDA device")
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite=overwrite)
+    sources = [model.path for model in plan.models.values()]
+    check_replaceable(out_dir, overwrite=overwrite, protected=sources)
     out_dtype = getattr(torch, plan.out_dtype)
     shards = output_layout(plan, out_shard_size)
     readers: dict[str, CheckpointReader] = {}
@@ -246,7 +247,7 @@ def merge_to_disk(
         return reader.get_tensor(tensor_input.name)
 
     try:
-        with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
+        with atomic_folder(out_dir, overwrite=overwrite, protected=sources) as staging:
             writer = ShardedWriter(staging, shards)
             # One output buffer, reused for every tensor: results are computed (or cast) straight into it, so no
             # result-sized tensor is allocated (and page-faulted) per output tensor. (Writing from a second buffer
@@ -259,6 +260,7 @@ def merge_to_disk(
                                      dynamic_ncols=True):
                         out = buffer[:_numel(task.shape)].view(task.shape)
                         merged = merge_task(task, fetch, seed=seed, device=device, out=out)
+                        check_finite_tensor(task, merged)
                         writer.add(task.name, merged.cpu())
                         del merged, out
                         for reader in readers.values():
@@ -276,9 +278,48 @@ def merge_to_disk(
                        seconds=time.perf_counter() - started, reads=reads)
 
 
+def _auto_map_entries(auto_map: dict) -> list[str]:
+    """`module.Class` references of a config's auto_map (values may be strings or [slow, fast] tokenizer pairs)."""
+    entries = []
+    for value in auto_map.values():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, str):
+                entries.append(item)
+    return entries
+
+
+class NonFiniteOutputError(AutoMergeError, ValueError):
+    """A merged tensor holds NaN or infinite values: the output is not written."""
+
+
+def check_finite_tensor(task: TensorTask, merged) -> None:
+    """Refuse NaN/inf in a merged tensor (a NaN source weight, an overflowing dtype). One reduction pass, no
+    allocation: a non-finite element makes the sum non-finite; only then is the tensor searched element-wise."""
+    import torch
+
+    if bool(torch.isfinite(merged.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(merged)).sum())
+    if bad == 0:  # the sum overflowed, every element is finite
+        return
+    sources = ", ".join(sorted({i.model for i in task.reads()}))
+    raise NonFiniteOutputError(
+        f"merged tensor {task.name} has {bad} NaN or infinite value(s) (read from {sources}); nothing was written. "
+        f"Check those models' weights for NaN/inf, or choose an output dtype wide enough for the merge")
+
+
 def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source: str | None) -> None:
     """config.json, tokenizer, generation config, the recipe, its mergekit export and the model card."""
-    write_json(folder / "config.json", plan.output_config)
+    output_config = dict(plan.output_config)
+    if output_config.get("auto_map"):  # custom-code models: the output needs the code files auto_map names
+        template = plan.models[plan.template].path
+        code_files = sorted({f"{str(entry).split('--')[-1].split('.')[0]}.py"
+                             for entry in _auto_map_entries(output_config["auto_map"])})
+        if all((template / name).is_file() for name in code_files):
+            copy_files(template, folder, code_files)
+        else:  # a config that points at missing code would not load anywhere: the plain architecture instead
+            del output_config["auto_map"]
+    write_json(folder / "config.json", output_config)
     copy_files(plan.models[plan.template].path, folder, SIDE_FILES)
     write_tokenizer(plan.vocabulary, {ref: model.path for ref, model in plan.models.items()}, folder)
     recipe_yaml = plan.recipe.to_yaml()
@@ -375,8 +416,9 @@ def run_recipe(
     catalog: ModelCatalog | None = None,
 ) -> MergeResult:
     """Recipe file (or Recipe) → merged checkpoint in ``out_dir``: what `auto-merge merge` runs."""
-    check_output_dir(out_dir, overwrite=overwrite)  # fail before reading any model
-    plan = prepare_plan(recipe, catalog=catalog, allow_pickle=allow_pickle)
+    plan = prepare_plan(recipe, catalog=catalog, allow_pickle=allow_pickle)  # headers only
+    # Before any weight is read: never a source's folder (merge_to_disk checks again, just before writing).
+    check_replaceable(out_dir, overwrite=overwrite, protected=[model.path for model in plan.models.values()])
     source = None if isinstance(recipe, Recipe) else str(recipe)
     return merge_to_disk(plan, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
                          overwrite=overwrite, progress=progress, recipe_source=source)

@@ -9,9 +9,10 @@ with ``torch.load(weights_only=True, mmap=True)``, which refuses arbitrary objec
 
 Writing: the shard layout is fixed up front from the output tensors' shapes and dtypes, so file names
 (``model-00001-of-00003.safetensors``) and each shard's safetensors header are final from the start, and
-:class:`ShardedWriter` streams every tensor's bytes to disk as it arrives (in layout order): no shard is buffered. :func:`atomic_output_dir` builds the output in
-``OUT_DIR.tmp-<pid>`` beside ``OUT_DIR`` and renames it into place at the end; an existing ``OUT_DIR`` is replaced only
-with ``overwrite`` and only once the new one is complete.
+:class:`ShardedWriter` streams every tensor's bytes to disk as it arrives (in layout order): no shard is buffered. 
+:func:`auto_merge.output_dirs.atomic_folder` builds the output in a temporary folder beside ``OUT_DIR`` and renames it
+into place at the end; an existing ``OUT_DIR`` is replaced only with ``overwrite``, only when auto-merge wrote it, and
+only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import shutil
 import struct
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,45 +398,6 @@ class ShardedWriter:
             weight_map = {tensor.name: self.file_names[index] for index, tensor in self._order}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out_dir``; rename it to ``out_dir`` when the block succeeds.
-
-    An existing ``out_dir`` is refused without ``overwrite``; with it, the old folder is moved aside only after the new
-    one is complete, then deleted. On any error the temporary folder is removed and ``out_dir`` is left untouched.
-    """
-    out_dir = Path(out_dir).absolute()
-    check_output_dir(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)  # left by a crashed run of this same process id
-    temporary.mkdir()
-    try:
-        yield temporary
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        if not overwrite:  # appeared while we were merging
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise FileExistsError(f"{out_dir} appeared during the merge; the result was discarded")
-        retired = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, retired)
-        os.replace(temporary, out_dir)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(temporary, out_dir)
-
-
-def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> None:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass --overwrite to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
 
 
 def write_json(path: Path, data: Any) -> None:

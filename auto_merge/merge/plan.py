@@ -46,7 +46,7 @@ from auto_merge.merge.recipe import (
     evaluate_setting,
 )
 from auto_merge.merge.tokenizer import RowMap, VocabularyError, VocabularyPlan, plan_vocabulary
-from auto_merge.models.inspect import model_depth, read_model_config, text_config
+from auto_merge.models.inspect import architecture_differences, model_depth, read_model_config, text_config
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 # Tensors outside the layers that sit before them (embeddings); all others (norms, heads) come after.
@@ -338,6 +338,12 @@ def compile_plan(recipe: Recipe, catalog: ModelCatalog, *, source: str | None = 
     tasks = [_with_shape(task, vocabulary, models, slice_keys[task.slice_index], fail) for task in tasks]
     out_dtype = recipe.output_dtype or template.stored_dtype
     used = {i.model for task in tasks for i in task.reads()} | {template_ref, vocabulary.tokenizer_model}
+    for ref in sorted(used - {template_ref}):  # same tensor names can hide another architecture (config.json)
+        differences = architecture_differences(models.get(ref, None).config, template.config)
+        if differences:
+            fail(f"model {ref} does not share the architecture of {template_ref}: {'; '.join(differences)}",
+                 key="base_model" if recipe.base_model else "models",
+                 allowed=f"models whose config.json matches {template_ref}'s (vocab_size may differ)")
     return MergePlan(
         recipe=recipe,
         tasks=tasks,

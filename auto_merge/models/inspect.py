@@ -74,14 +74,55 @@ def read_safetensors_header(file: str | Path) -> dict[str, dict[str, Any]]:
                 raise ModelInspectionError(f"{file} is too short to be a safetensors file")
             (header_length,) = struct.unpack("<Q", prefix)
             if header_length > min(_MAX_HEADER_BYTES, file.stat().st_size - 8):
-                raise ModelInspectionError(f"{file} has an invalid safetensors header length ({header_length})")
+                raise ModelInspectionError(f"{file} is truncated or corrupt: its header length ({header_length}) "
+                                           f"does not fit in the file")
             header = json.loads(stream.read(header_length).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelInspectionError(f"cannot read the safetensors header of {file}: {error}") from error
     if not isinstance(header, dict):
         raise ModelInspectionError(f"{file} has a malformed safetensors header")
     header.pop("__metadata__", None)
+    _check_data_offsets(file, header, data_bytes=file.stat().st_size - 8 - header_length)
     return header
+
+
+# Bytes per element of safetensors dtypes (others are accepted without the size check).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _check_data_offsets(file: Path, header: dict, data_bytes: int) -> None:
+    """Every tensor's bytes lie inside the file and match its shape: a truncated or corrupt file is found from the
+    header, before any weight is read (reading it would fault or give garbage mid-run)."""
+    for name, entry in header.items():
+        try:
+            start, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            dtype = entry["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise ModelInspectionError(f"{file}: the safetensors header entry of {name!r} is malformed") from None
+        if not 0 <= start <= end or end > data_bytes:
+            raise ModelInspectionError(
+                f"{file} is truncated or corrupt: tensor {name!r} lies at bytes {start}-{end} of the data, but the "
+                f"file holds only {data_bytes} bytes of data (an interrupted download or copy?)")
+        width = _DTYPE_BYTES.get(dtype)
+        if width is not None:
+            expected = width
+            for dim in shape:
+                expected *= dim
+            if end - start != expected:
+                raise ModelInspectionError(f"{file} is corrupt: tensor {name!r} of shape {shape} ({dtype}) should take "
+                                           f"{expected} bytes, its header gives {end - start}")
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from every safetensors file of a model folder (headers only; checks each file's data
+    offsets too). Empty for a pickle checkpoint."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        for name, entry in read_safetensors_header(file).items():
+            shapes[name] = tuple(entry["shape"])
+    return shapes
 
 
 def _names_from_index(index_file: Path) -> list[str]:
@@ -134,6 +175,7 @@ class ModelInfo:
     path: Path
     config: dict[str, Any]
     tensor_names: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # from safetensors headers (empty: pickle)
 
     @property
     def depth(self) -> int | None:
@@ -144,4 +186,58 @@ def inspect_model(reference: str, path: str | Path, *, allow_pickle: bool = Fals
     """Config and tensor names of the model folder `path` (headers only)."""
     path = Path(path)
     return ModelInfo(reference=reference, path=path, config=read_model_config(path),
-                     tensor_names=list_tensor_names(path, allow_pickle=allow_pickle))
+                     tensor_names=list_tensor_names(path, allow_pickle=allow_pickle), shapes=tensor_shapes(path))
+
+
+# Files whose change changes what a model computes (weights, their index, its config, its tokenizer).
+_IDENTITY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model")
+
+
+def model_identity(path: str | Path) -> str:
+    """A digest of a model folder's files as they are now (name, size and modification time of each weight, config
+    and tokenizer file), without reading the weights: it changes when a file is replaced in place, so results
+    recorded for the old files are never reused for the new ones."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    folder = Path(path)
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if file.is_file() and file.suffix in _IDENTITY_SUFFIXES:
+            stat = file.stat()
+            digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# config.json fields that must agree for tensors to be mergeable, with GPT-2 style alternative names.
+ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "model_type": ("model_type",),
+    "architectures": ("architectures",),
+    "hidden_size": ("hidden_size", "n_embd"),
+    "num_attention_heads": ("num_attention_heads", "n_head"),
+    "num_key_value_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "intermediate_size": ("intermediate_size", "n_inner"),
+}
+
+
+def architecture_signature(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ARCHITECTURE_FIELDS, with the usual defaults filled in (kv heads = heads, head_dim = hidden /
+    heads) so that configs that spell them out and configs that do not compare equal."""
+    inner = text_config(config)
+    signature = {}
+    for name, spellings in ARCHITECTURE_FIELDS.items():
+        source = config if name in ("model_type", "architectures") else inner
+        signature[name] = next((source[key] for key in spellings if key in source), None)
+    if signature["num_key_value_heads"] is None:
+        signature["num_key_value_heads"] = signature["num_attention_heads"]
+    if signature["head_dim"] is None and signature["hidden_size"] and signature["num_attention_heads"]:
+        signature["head_dim"] = signature["hidden_size"] // signature["num_attention_heads"]
+    return signature
+
+
+def architecture_differences(config: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """The architecture fields on which ``config`` differs from ``reference`` (as text); a field missing on either
+    side (e.g. no `architectures` in an old config.json) cannot show a difference."""
+    actual, expected = architecture_signature(config), architecture_signature(reference)
+    return [f"{name} {actual[name]!r} (base: {expected[name]!r})" for name in ARCHITECTURE_FIELDS
+            if None not in (actual[name], expected[name]) and actual[name] != expected[name]]

@@ -2,8 +2,9 @@
 
 `run_search(config_path)`:
 1. validates the config and resolves its models (nothing is loaded before the config is known to be good);
-2. builds the strategy (space + decoder) and the run folder `<output_path>/<run_name>`; a run folder holding a
-   different config is refused unless `overwrite` (which replaces it) — rerunning the same config resumes;
+2. builds the strategy (space + decoder) and holds the run folder `<output_path>/<run_name>` (auto_merge.output_dirs:
+   one process at a time); a run folder holding a different config, or one whose source files changed, is refused
+   unless `overwrite` (which replaces it) — rerunning the same config resumes by replaying the trial log to SMAC;
 3. runs SMAC: multi-fidelity Hyperband (the default) or successive halving, plain BO at max_budget, or random
    search; multi-objective (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with
    incumbent selection at the highest budget (SMAC #1050);
@@ -15,28 +16,28 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from auto_merge.errors import AutoMergeError
 from auto_merge.search.smac_state import atomic_state_writes
 from auto_merge.search.trial import TrialSpec, TrialTarget
 
 SMAC_NAME = "smac"
-RUN_MANIFEST = "run.json"
 TRIALS_LOG = "trials.jsonl"
 MULTI_FIDELITY = ("hyperband", "successive_halving")
 CRASH_COST = 1.0  # every task cost is in [0, 1] (1 - score), so a failed trial counts as the worst possible
 
 
-class SearchError(RuntimeError):
+class SearchError(AutoMergeError, RuntimeError):
     """A problem with the run itself (not one trial): printed without a traceback by the CLI."""
 
 
@@ -84,42 +85,40 @@ def run_fingerprint(config, strategy) -> str:
         "evaluation": evaluation,
         "seed": config.global_params.random_seed,
         "zoo_seed": config.global_params.zoo_seed,
+        # Scores are only valid for the files they were measured on: a source replaced in place is another run.
+        "sources": source_identities(config),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def prepare_run_dir(config, strategy, *, overwrite: bool, run_name: str | None) -> tuple[Path, str, bool]:
-    """The run folder, the run's fingerprint, and whether an earlier run is resumed."""
-    block = config.selected
-    root = Path(config.global_params.output_path or "runs")
-    run_dir = root / (run_name or getattr(block, "run_name", None) or config.strategy)
-    fingerprint = run_fingerprint(config, strategy)
-    manifest = run_dir / RUN_MANIFEST
-    if run_dir.exists() and any(run_dir.iterdir()):
-        previous = json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
-        if previous == fingerprint and not overwrite:
-            return run_dir, fingerprint, True
-        if not overwrite:
-            why = "holds a run of a different config" if previous else "is not an auto-merge run folder"
-            raise SearchError(
-                f"{run_dir} {why}; rerun with --overwrite to replace it, or give a new --run-name "
-                f"(or global_params.output_path / run_name in the config)")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(manifest, {
-        "fingerprint": fingerprint,
+def source_identities(config) -> dict[str, str]:
+    from auto_merge.models.inspect import model_identity
+
+    return {ref: model_identity(path) for ref, path in sorted(config.model_paths.items())}
+
+
+def run_manifest(config, strategy) -> dict:
+    """What run.json records besides the fingerprint."""
+    return {
+        "sources": source_identities(config),
         "config_file": str(config.source_file),
         "strategy": strategy.describe(),
         "models": {ref: str(path) for ref, path in config.model_paths.items()},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    })
-    return run_dir, fingerprint, False
+    }
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+def claim_run(config, strategy, *, overwrite: bool, run_name: str | None):
+    """Context manager holding the run folder `<output_path>/<run_name or strategy>` (see output_dirs)."""
+    from auto_merge.output_dirs import claim_run_folder
+
+    block = config.selected
+    name = run_name or getattr(block, "run_name", None) or config.strategy
+    key = "--run-name" if run_name else (f"strategies.{config.strategy}.run_name"
+                                         if getattr(block, "run_name", None) else "strategy")
+    return claim_run_folder(config.global_params.output_path or "runs", name, name_key=key,
+                            fingerprint=run_fingerprint(config, strategy), manifest=run_manifest(config, strategy),
+                            overwrite=overwrite)
 
 
 def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, dask_client, callbacks):
@@ -131,7 +130,8 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
     scenario_kwargs = dict(
         configspace=space, name=SMAC_NAME, output_directory=run_dir, deterministic=True, n_trials=n_trials,
         seed=config.global_params.random_seed, crash_cost=[CRASH_COST] * len(objectives) if objectives else CRASH_COST,
-        trial_walltime_limit=block.trial_walltime_limit,
+        # trial_walltime_limit is enforced by our own long-lived trial process (search/timed.py): SMAC's would start
+        # a new process, and reload every model, for each trial.
     )
     if objectives:
         scenario_kwargs["objectives"] = objectives
@@ -139,7 +139,9 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
         scenario_kwargs.update(min_budget=block.min_budget, max_budget=block.max_budget)
     scenario = Scenario(**scenario_kwargs)
     target = TrialTarget(spec)
-    common = dict(overwrite=False, logging_level=40, callbacks=callbacks, dask_client=dask_client)
+    # SMAC's own saved state is never loaded (a resume replays the trial log instead, see _search_in): SMAC starts
+    # fresh every time, so it has no reason to ask on stdin about an old state either.
+    common = dict(overwrite=True, logging_level=40, callbacks=callbacks, dask_client=dask_client)
     if objectives:
         common["multi_objective_algorithm"] = ParEGO(scenario)
     if block.optimizer in MULTI_FIDELITY:
@@ -174,7 +176,12 @@ def _dask_client(block, progress):
         from dask.distributed import Client
 
         progress.write(f"connecting to the dask scheduler at {block.dask_scheduler}")
-        return Client(block.dask_scheduler), None
+        try:
+            return Client(block.dask_scheduler, timeout=20), None
+        except (OSError, TimeoutError, ValueError) as error:
+            raise SearchError(f"dask_scheduler {block.dask_scheduler}: cannot connect ({error}); start the "
+                              f"scheduler and its workers, or remove dask_scheduler to run on this machine "
+                              f"(n_workers)") from None
     if block.n_workers > 1:
         from dask.distributed import Client, LocalCluster
 
@@ -198,9 +205,7 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
                show_progress: bool = True, write_model: bool = True, config=None) -> SearchResult:
     """`config`: the already validated ExperimentConfig of `config_path`, when the caller has it (the CLI)."""
     from auto_merge.config import load_experiment
-    from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run
-    from auto_merge.search.trial import spec_cache_path
-    from auto_merge.strategies import build_strategy, objectives_of
+    from auto_merge.strategies import build_strategy
 
     if config is None:
         config = load_experiment(config_path)  # raises ConfigError before any model is loaded
@@ -210,8 +215,19 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         return run_oneshot(config, overwrite=overwrite, run_name=run_name, show_progress=show_progress,
                            write_model=write_model)
     strategy = build_strategy(config)
+    with claim_run(config, strategy, overwrite=overwrite, run_name=run_name) as run:
+        return _search_in(run.path, run.resumed, config, strategy, show_progress=show_progress,
+                          write_model=write_model)
+
+
+def _search_in(run_dir: Path, resumed: bool, config, strategy, *, show_progress: bool, write_model: bool):
+    """The search itself, in a run folder this process holds."""
+    from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run, trial_key
+    from auto_merge.search.trial import spec_cache_path
+    from auto_merge.strategies import objectives_of
+
     block = config.selected
-    run_dir, fingerprint, resumed = prepare_run_dir(config, strategy, overwrite=overwrite, run_name=run_name)
+    fingerprint = run_fingerprint(config, strategy)
     space = strategy.build_space(seed=config.global_params.random_seed)
     objectives = objectives_of(config)
     workers = 1 if not block.dask_scheduler and block.n_workers <= 1 else block.n_workers
@@ -226,6 +242,9 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         objectives=objectives,
         torch_threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0,
         device=config.global_params.evaluation.device,
+        allow_pickle=config.global_params.allow_pickle,
+        trust_remote_code=config.global_params.trust_remote_code,
+        trial_walltime_limit=block.trial_walltime_limit,
     )
     n_trials = block.n_trials or trials_for_total_budget(block.total_budget, block.min_budget, block.max_budget,
                                                          block.eta, block.optimizer)
@@ -235,6 +254,13 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         progress.write("note: Python's hash seed is random in this process, so SMAC's suggestions can differ between "
                        "runs of the same config; `auto-merge search` and `python merge.py` fix it (PYTHONHASHSEED=0)")
     if resumed:
+        # The trial log is the run's state: SMAC starts over and is told each logged result at once (no model is
+        # merged or scored for them), so it re-derives everything it had (its models, random streams, successive-
+        # halving brackets) and continues exactly as an uninterrupted run would.
+        replay: dict = {}
+        for record in recorder.records:
+            replay.setdefault(trial_key(record), record)
+        spec = dataclasses.replace(spec, replay=replay)
         progress.write(f"resuming {run_dir} ({recorder.completed} trials already recorded)")
     else:
         progress.write(f"run folder: {run_dir}")
@@ -250,6 +276,9 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
               "resume", file=sys.stderr)
         raise
     finally:
+        from auto_merge.search.timed import close_all
+
+        close_all()  # this process's timed trial child, if any
         if client is not None:
             client.close()
         if cluster is not None:

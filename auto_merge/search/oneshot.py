@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import statistics
@@ -52,7 +51,7 @@ class OneShotResult:
 def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None, show_progress: bool = True,
                 write_model: bool = True) -> OneShotResult:
     """Merge, save and score the one-shot merge of a validated config (models resolved; see the module docstring)."""
-    from auto_merge.search.driver import prepare_run_dir, write_json_atomic
+    from auto_merge.search.driver import claim_run
     from auto_merge.strategies.oneshot import OneShotError, OneShotMerge
 
     started = time.perf_counter()
@@ -66,7 +65,15 @@ def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None,
     tasks = config.global_params.evaluation.tasks
     if tasks:
         check_tasks(config)
-    run_dir, fingerprint, resumed = prepare_run_dir(config, merge, overwrite=overwrite, run_name=run_name)
+    with claim_run(config, merge, overwrite=overwrite, run_name=run_name) as run:
+        return _oneshot_in(run.path, run.resumed, config, merge, plan, started, say, write_model=write_model)
+
+
+def _oneshot_in(run_dir: Path, resumed: bool, config, merge, plan, started: float, say, *, write_model: bool):
+    """Merge, save and score, in a run folder this process holds."""
+    from auto_merge.output_dirs import write_json_atomic, write_text_atomic
+
+    tasks = config.global_params.evaluation.tasks
     model_dir = run_dir / MODEL_DIR
     recipe_path = run_dir / RECIPE_FILE
     scores_path = run_dir / SCORES_FILE
@@ -78,15 +85,15 @@ def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None,
         return OneShotResult(run_dir, model_dir if has_model else None, recipe_path, final, plan.num_layers, True)
 
     say(f"run folder: {run_dir}" + (" (resuming)" if resumed else ""))
-    _write_text_atomic(recipe_path, plan.recipe.to_yaml())
+    write_text_atomic(recipe_path, plan.recipe.to_yaml())
     scratch = None
     if write_model and has_model:
         say(f"merged model already written: {model_dir}")
     else:
-        target = model_dir if write_model else Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir)) / MODEL_DIR
+        target = model_dir if write_model else Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=run_dir)) / MODEL_DIR
         scratch = None if write_model else target.parent
         say(f"merging {len(plan.tasks)} tensors into {target} ({plan.num_layers} layers)")
-        _merge(plan, target, config, progress=show_progress)
+        _merge(plan, target, config, progress=say.enabled)
         model_dir = target
     final = None
     try:
@@ -295,9 +302,3 @@ class _Progress:
     def __call__(self, text: str) -> None:
         if self.enabled:
             print(text, file=sys.stderr, flush=True)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -60,6 +60,7 @@ class TrialRecorder(Callback):
         self.path = path
         self.progress = progress
         self.objectives = objectives
+        drop_torn_tail(path)
         self.records = read_trials(path)
         # Trials logged by an earlier process. A kill between a trial's log line and SMAC's save of its state makes the
         # resumed SMAC run that trial again (its examples come from the cache): it must not be logged twice.
@@ -75,6 +76,8 @@ class TrialRecorder(Callback):
         extra = dict(value.additional_info or {})
         scores = extra.get(SCORES_KEY)
         status = value.status.name.lower()
+        if str(extra.get("error") or "").startswith("TrialTimeout("):  # our own walltime limit (search/timed.py)
+            status = "timeout"
         record = {
             "trial": len(self.records),
             "configuration": {k: _plain(v) for k, v in dict(info.config).items()},
@@ -95,7 +98,7 @@ class TrialRecorder(Callback):
             "eval_seconds": extra.get("eval_seconds"),
             "seconds": value.time,
             "worker_pid": extra.get("worker_pid"),
-            "error": extra.get("error"),
+            "error": extra.get("error") or _default_error(status, smbo),
             "traceback": extra.get("traceback"),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -116,19 +119,52 @@ class TrialRecorder(Callback):
         return None
 
 
+def _default_error(status: str, smbo) -> str | None:
+    """SMAC reports a stopped trial without a reason: say which limit stopped it."""
+    if status == "success":
+        return None
+    if status == "timeout":
+        return "timeout: stopped after trial_walltime_limit"
+    return f"{status}: the trial gave no result"
+
+
 def trial_key(record: dict) -> str:
     """What identifies a trial to SMAC: its configuration, budget and seed."""
-    return json.dumps([record["configuration"], record["budget"], record["seed"]], sort_keys=True, default=str)
+    from auto_merge.search.trial import trial_key as key_of
+
+    return key_of(record["configuration"], record["budget"], record["seed"])
 
 
 def read_trials(path: Path) -> list[dict]:
+    """The trial records of a trials.jsonl. A torn last line (the process was killed while appending it) is not a
+    record: that trial never finished being logged (see :func:`drop_torn_tail`)."""
     if not path.is_file():
         return []
+    lines = path.read_text().split("\n")
     records = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was cut short
+                break
+            from auto_merge.search.driver import SearchError
+
+            raise SearchError(f"{path}:{number} is not a JSON trial record; the file was edited or damaged "
+                              f"(remove that line to resume, or rerun with --overwrite)") from None
     return records
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a trials.jsonl after its last complete line, so that appending goes on from a whole record."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _plain(value):
@@ -167,20 +203,32 @@ def _config_key(configuration: dict) -> str:
 
 def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[str, ...], *, write_model: bool):
     """Export the winner(s), score them and the experts at the full budget, write the model and the plots."""
-    from auto_merge.search.driver import SearchError, SearchResult, write_json_atomic
+    from auto_merge.output_dirs import write_json_atomic
+    from auto_merge.search.driver import SearchError, SearchResult
     from auto_merge.search.trial import runner_for
 
     records = [r for r in read_trials(run_dir / "trials.jsonl") if r["status"] == "success"]
     if not records:
         raise SearchError(f"no trial succeeded; see the errors in {run_dir / 'trials.jsonl'}")
     runner = runner_for(spec)
-    final = {"winners": [], "shortlist": [], "experts": {}, "base": None}
+    # One failure here (a NaN expert, a task that raises on some documents, a full disk) must not cost the search:
+    # each scoring is tried on its own, what failed is recorded with its reason, and the run still ends with its
+    # found configurations, scores and model.
+    final = {"winners": [], "shortlist": [], "experts": {}, "base": None, "failed": []}
+
+    def scored(what: str, recipe: dict) -> dict | None:
+        try:
+            return _final_scores(runner.score_recipe(recipe, None))
+        except Exception as error:  # recorded in final_scores.json and printed; the run goes on
+            final["failed"].append({"what": what, "error": f"{type(error).__name__}: {error}"})
+            return None
+
     if objectives:
         front = [{k: _plain(v) for k, v in dict(c).items()} for c in smac.intensifier.get_incumbents()]
-        for configuration in front or [max(records, key=lambda r: r["score"])["configuration"]]:
-            recipe = strategy.decode(configuration)
-            final["winners"].append({"configuration": configuration,
-                                     **_final_scores(runner.score_recipe(recipe, None))})
+        for index, configuration in enumerate(front or [max(records, key=lambda r: r["score"])["configuration"]]):
+            entry = scored(f"front member {index}", strategy.decode(configuration))
+            if entry is not None:
+                final["winners"].append({"configuration": configuration, **entry})
     else:
         # SMAC's incumbent is the best at the highest budget it reached, which few configurations get to in a short
         # run; the shortlist adds the best-scoring configurations at any budget, and all of them are re-scored on
@@ -190,23 +238,33 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
         if incumbent is not None:
             candidates.insert(0, {k: _plain(v) for k, v in dict(incumbent).items()})
         seen = set()
-        for configuration in candidates:
+        for index, configuration in enumerate(candidates):
             key = _config_key(configuration)
             if key in seen:
                 continue
             seen.add(key)
-            entry = {"configuration": configuration,
-                     **_final_scores(runner.score_recipe(strategy.decode(configuration), None))}
+            entry = scored(f"shortlist candidate {index}", strategy.decode(configuration))
+            if entry is None:
+                continue
+            entry = {"configuration": configuration, **entry}
             entry["smac_incumbent"] = incumbent is not None and key == _config_key(candidates[0])
             final["shortlist"].append(entry)
-        final["winners"].append(max(final["shortlist"], key=lambda e: e["mean_score"]))
+        if final["shortlist"]:
+            final["winners"].append(max(final["shortlist"], key=lambda e: e["mean_score"]))
+    if not final["winners"]:  # nothing could be re-scored: the best trial, with the scores of its own budget
+        best = max(records, key=lambda r: r["score"])
+        final["winners"].append({"configuration": best["configuration"], "scores": best["scores"],
+                                 "mean_score": statistics.fmean(best["scores"].values()), "recipe": best["recipe"],
+                                 "budget": best["budget"], "note": "full-budget scoring failed; scores at this budget"})
     for expert in strategy.models:
         alone = {"base_model": strategy.base_model, "merge_method": "linear",
                  "models": [{"model": expert, "parameters": {"weight": 1.0}}]}
-        final["experts"][expert] = _final_scores(runner.score_recipe(alone, None))
+        entry = scored(f"expert {expert}", alone)
+        if entry is not None:
+            final["experts"][expert] = entry
     base_alone = {"base_model": strategy.base_model, "merge_method": "linear",
                   "models": [{"model": strategy.base_model, "parameters": {"weight": 1.0}}]}
-    final["base"] = _final_scores(runner.score_recipe(base_alone, None))
+    final["base"] = scored("base model", base_alone)
     write_json_atomic(run_dir / "final_scores.json", final)
 
     export_dir = run_dir / "search_config"
@@ -222,10 +280,19 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     best_model = None
     chosen = max(final["winners"], key=lambda w: w["mean_score"])
     if write_model:
-        best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec)
+        try:
+            best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec)
+        except Exception as error:  # e.g. a full disk: the found configuration is saved; replay makes the model
+            final["failed"].append({"what": "best_model", "error": f"{type(error).__name__}: {error}"})
+            write_json_atomic(run_dir / "final_scores.json", final)
     from auto_merge.search.plots import draw_plots
 
-    plots = draw_plots(run_dir, records, chosen["recipe"], strategy, final, objectives)
+    try:
+        plots = draw_plots(run_dir, records, chosen["recipe"], strategy, final, objectives)
+    except Exception as error:  # plots are a convenience; never the reason a finished search fails
+        plots = []
+        final["failed"].append({"what": "plots", "error": f"{type(error).__name__}: {error}"})
+        write_json_atomic(run_dir / "final_scores.json", final)
     print(render_final(final, strategy, run_dir, best_model, plots))
     return SearchResult(run_dir=run_dir, best_configs=exported, best_model=best_model, final_scores=final,
                         plots=plots)
@@ -257,9 +324,9 @@ def write_winner_model(recipe: dict, out_dir: Path, spec) -> Path:
     from auto_merge.merge.plan import ModelCatalog, SourceModel
     from auto_merge.merge.recipe import parse_recipe
 
-    catalog = ModelCatalog()
+    catalog = ModelCatalog(allow_pickle=spec.allow_pickle)
     for ref, path in spec.model_paths.items():
-        catalog.add(SourceModel.from_folder(ref, path))
+        catalog.add(SourceModel.from_folder(ref, path, allow_pickle=spec.allow_pickle))
     run_recipe(parse_recipe(recipe), out_dir, seed=spec.seed, overwrite=True, catalog=catalog)
     return out_dir
 
@@ -276,12 +343,16 @@ def score_table(rows: list[tuple[str, dict]]) -> list[str]:
 
 
 def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
-    rows = [("base", final["base"])] + [(f"expert {m}", s) for m, s in final["experts"].items()]
+    rows = [("base", final["base"])] if final["base"] else []
+    rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
     rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
     lines = ["", "full-budget scores:"] + score_table(rows)
-    best_expert = max(s["mean_score"] for s in final["experts"].values())
     best_winner = max(w["mean_score"] for w in final["winners"])
-    lines.append(f"\nbest merge vs best expert: {100 * (best_winner - best_expert):+.1f} points of mean score")
+    if final["experts"]:
+        best_expert = max(s["mean_score"] for s in final["experts"].values())
+        lines.append(f"\nbest merge vs best expert: {100 * (best_winner - best_expert):+.1f} points of mean score")
+    for failure in final.get("failed", []):
+        lines.append(f"not scored: {failure['what']}: {failure['error']}")
     lines.append(f"run folder: {run_dir}")
     lines.append(f"found configuration(s): {run_dir / 'search_config'}")
     if best_model is not None:

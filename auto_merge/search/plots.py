@@ -33,8 +33,9 @@ def progress_plot(path: Path, records: list[dict], final: dict) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.step([p[0] for p in points], [p[1] for p in points], where="post", label="best so far (at its budget)")
     ax.scatter([p[0] for p in points], [p[2] for p in points], s=10, alpha=0.5, c="gray", label="trials")
-    best_expert = max(s["mean_score"] for s in final["experts"].values())
-    ax.axhline(best_expert, color="tab:red", linestyle="--", label=f"best expert (full) {best_expert:.3f}")
+    if final["experts"]:  # none when every expert failed to score
+        best_expert = max(s["mean_score"] for s in final["experts"].values())
+        ax.axhline(best_expert, color="tab:red", linestyle="--", label=f"best expert (full) {best_expert:.3f}")
     ax.set_xlabel("evaluation examples spent")
     ax.set_ylabel("mean score")
     ax.set_title("search progress")

@@ -88,11 +88,11 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
     from ConfigSpace import Configuration
 
     from auto_merge.merge.engine import run_recipe
-    from auto_merge.merge.io import check_output_dir
+    from auto_merge.output_dirs import check_replaceable
     from auto_merge.merge.plan import ModelCatalog, SourceModel
     from auto_merge.merge.recipe import parse_recipe
 
-    check_output_dir(out_dir, overwrite=overwrite)  # before any model is read
+    check_replaceable(out_dir, overwrite=overwrite)  # before any model is read
     strategy, values, model_paths, evaluation = load_found_configuration(path, config_path)
     data = json.loads(Path(path).read_text())
     seed = seed if seed is not None else int(data.get("seed", 0)) if isinstance(data.get("seed"), int) else 0

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,12 @@ class TrialSpec:
     objectives: tuple[str, ...] = ()  # task names, one cost each (multi-objective); empty = one aggregate cost
     torch_threads: int = 0  # 0: leave torch's default
     device: str = "cpu"
+    allow_pickle: bool = False  # the user's opt-ins (global_params), for every model this run opens
+    trust_remote_code: bool = False
+    trial_walltime_limit: float | None = None  # seconds; trials then run in a long-lived child (search/timed.py)
+    # A resumed run: trial key -> what that trial gave before (see TrialTarget): SMAC is run again from the start and
+    # told these results instantly, so it re-derives its whole state and goes on exactly as an uninterrupted run.
+    replay: dict = field(default_factory=dict)
 
 
 def recipe_fingerprint(recipe: dict, seed: int) -> str:
@@ -51,7 +57,7 @@ class TrialRunner:
         import torch
 
         from auto_merge.evaluation.budgeted import BudgetedEvaluator
-        from auto_merge.evaluation.lm_eval_runner import load_checkpoint
+        from auto_merge.evaluation.lm_eval_runner import load_checkpoint, resolve_device
         from auto_merge.merge.live import LiveMerger
         from auto_merge.merge.plan import ModelCatalog, SourceModel
         from auto_merge.strategies import strategy_from_description
@@ -62,11 +68,14 @@ class TrialRunner:
         self.strategy = strategy_from_description(spec.strategy)
         base_ref = spec.strategy["base_model"]
         dtype = spec.evaluation.torch_dtype if spec.evaluation.torch_dtype != "auto" else "float32"
-        self.model, self.tokenizer = load_checkpoint(spec.model_paths[base_ref], dtype=dtype, device=spec.device)
-        catalog = ModelCatalog()
+        device = resolve_device(spec.device)  # the config may leave it out (auto)
+        self.model, self.tokenizer = load_checkpoint(spec.model_paths[base_ref], dtype=dtype, device=device,
+                                                     allow_pickle=spec.allow_pickle,
+                                                     trust_remote_code=spec.trust_remote_code)
+        catalog = ModelCatalog(allow_pickle=spec.allow_pickle)
         for ref, path in spec.model_paths.items():
-            catalog.add(SourceModel.from_folder(ref, path))
-        self.merger = LiveMerger(self.model, catalog, device=spec.device)
+            catalog.add(SourceModel.from_folder(ref, path, allow_pickle=spec.allow_pickle))
+        self.merger = LiveMerger(self.model, catalog, device=device)
         self.evaluator = BudgetedEvaluator(
             spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,
             config_dir=spec.config_dir, allow_code_execution=spec.evaluation.allow_code_execution,
@@ -143,9 +152,40 @@ class TrialTarget:
 
     def __call__(self, config, seed: int = 0, budget: float | None = None):
         values = {key: _plain(value) for key, value in dict(config).items()}
+        earlier = self.spec.replay.get(trial_key(values, budget, seed))
+        if earlier is not None:
+            return replayed(earlier, self.spec.objectives)
+        if self.spec.trial_walltime_limit is not None:
+            from auto_merge.search.timed import timed_trials_for
+
+            return timed_trials_for(self.spec, self.spec.trial_walltime_limit).run(values, budget)
         return runner_for(self.spec).run(values, budget)
 
     __code__ = __call__.__code__
+
+
+def trial_key(configuration: dict, budget: float | None, seed: int | None) -> str:
+    """What identifies a trial to SMAC: its configuration, budget and seed."""
+    return json.dumps([configuration, budget, seed], sort_keys=True, default=str)
+
+
+class ReplayedFailure(RuntimeError):
+    """A trial that failed in the earlier process fails again, with the same reason, when its run resumes."""
+
+
+def replayed(record: dict, objectives: tuple[str, ...]):
+    """What the target returned for a logged trial: its cost(s) and info, or its failure raised again."""
+    if record["status"] != "success" or record.get("scores") is None:
+        raise ReplayedFailure(record.get("error") or record["status"])
+    info = {key: record.get(key) for key in (RECIPE_KEY, SCORES_KEY, "fingerprint", "examples", "merge_seconds",
+                                             "eval_seconds", "worker_pid")}
+    info.update(evaluated_examples=0, cached_examples=record.get("evaluated_examples"), replayed=True)
+    if objectives:
+        costs = dict(zip(objectives, record["cost"]))
+        info["costs"] = costs
+        return costs, info
+    info["cost"] = record["cost"]
+    return record["cost"], info
 
 
 def _plain(value):

@@ -17,7 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
-from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root
+from auto_merge.output_dirs import clean_stale_temporaries
+from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root, shipped_zoo_dir
 from auto_merge.zoo.train import DEFAULT_RECIPE, Recipe, llama_config, train_stage
 from auto_merge.zoo.world import build_world
 
@@ -66,6 +67,7 @@ def ensure_zoo(seed: int = 0, cache_dir=None, build: bool = True, out: Path | No
     with _build_lock(root):
         if is_complete(root, fingerprint):  # another process built it while we waited
             return root
+        clean_stale_temporaries(root)  # what a killed build left
         tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -148,5 +150,41 @@ def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_
         build_seconds=round(time.perf_counter() - started, 2),
         models=list(ZOO_MODEL_NAMES),
         torch_threads=torch.get_num_threads(),
+        built_with=build_environment(),
     )
     (folder / MANIFEST).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def build_environment() -> dict:
+    """What training results depend on besides the recipe: library versions and the CPU kernels torch picked."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.machine(),
+    }
+
+
+# Files whose bytes define a zoo (the manifest records timings and is left out).
+_DEFINING_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def compare_with_shipped(root: Path, seed: int = 0) -> list[str] | None:
+    """The files of the zoo at ``root`` that differ from the shipped zoo of ``seed`` (empty: identical), or None
+    when no zoo is shipped for that seed."""
+    shipped = shipped_zoo_dir(seed)
+    if shipped is None:
+        return None
+    relative = [f"{model}/{name}" for model in ZOO_MODEL_NAMES for name in _DEFINING_FILES]
+    relative += sorted(p.relative_to(shipped).as_posix() for p in (shipped / "tasks").rglob("*") if p.is_file())
+    differing = []
+    for name in relative:
+        mine, theirs = Path(root) / name, shipped / name
+        if not mine.is_file() or mine.read_bytes() != theirs.read_bytes():
+            differing.append(name)
+    return differing

@@ -1,4 +1,9 @@
-"""Where zoo models live, and the `zoo:NAME` model references that configs use."""
+"""Where zoo models live, and the `zoo:NAME` model references that configs use.
+
+The zoo of seed 0 ships with the project (``auto_merge/zoo/shipped/seed0``): every recorded score rests on those
+files, so `zoo:NAME` never depends on training done on this machine (training gives other weights on another CPU
+or library version). Other seeds are built on first use into the cache by the project's recipe.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from pathlib import Path
 
 ZOO_MODEL_NAMES = ("base", "num", "rev", "col")
 ZOO_REF_PREFIX = "zoo:"
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+SHIPPED_MANIFEST = "zoo.json"
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -19,15 +26,25 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "auto-merge"
 
 
+def shipped_zoo_dir(seed: int = 0) -> Path | None:
+    """The zoo shipped with the project for ``seed``, or None when none is shipped for it."""
+    folder = SHIPPED_ROOT / f"seed{seed}"
+    return folder if (folder / SHIPPED_MANIFEST).is_file() else None
+
+
 def zoo_root(seed: int = 0, cache_dir: str | os.PathLike | None = None, build: bool = True) -> Path:
-    """Folder holding one built zoo (one subfolder per model); built first when missing or stale."""
+    """Folder holding one zoo (one subfolder per model): the shipped one, else one built in the cache (built first
+    when missing or stale, unless ``build`` is False)."""
+    shipped = shipped_zoo_dir(seed)
+    if shipped is not None:
+        return shipped
     from auto_merge.zoo.build import ensure_zoo
 
     return ensure_zoo(seed=seed, cache_dir=cache_dir, build=build)
 
 
 def zoo_model_path(name: str, seed: int = 0, cache_dir: str | os.PathLike | None = None, build: bool = True) -> Path:
-    """Path of one zoo model (`base`, `num`, `rev` or `col`), building the zoo on first use."""
+    """Path of one zoo model (`base`, `num`, `rev` or `col`): shipped for seed 0, else built on first use."""
     if name not in ZOO_MODEL_NAMES:
         raise ValueError(f"unknown zoo model {name!r}; allowed: {', '.join(ZOO_MODEL_NAMES)}")
     return zoo_root(seed=seed, cache_dir=cache_dir, build=build) / name

@@ -146,15 +146,21 @@ def random_group_settings(samples: int, n_groups: int = N_GROUPS, n_experts: int
     return [[[rng.uniform(low, high) for _ in range(n_experts)] for _ in range(n_groups)] for _ in range(samples)]
 
 
-def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_dir=None) -> ZooReport:
+def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_dir=None,
+               root: Path | None = None) -> ZooReport:
+    """Score the zoo of ``seed`` (shipped for seed 0, else built in the cache), or the zoo folder ``root``."""
     from tqdm.auto import tqdm
 
     from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskSuite, load_checkpoint
     from auto_merge.merge.live import ResidentSources, TensorSpec, materialise_into
-    from auto_merge.zoo.build import ensure_zoo
+    from auto_merge.zoo.paths import zoo_root
 
     started = time.perf_counter()
-    root = ensure_zoo(seed=seed, cache_dir=cache_dir, show_progress=progress)
+    if root is None:
+        root = zoo_root(seed=seed, cache_dir=cache_dir)
+    elif not (Path(root) / "base" / "config.json").is_file():
+        raise FileNotFoundError(f"{root} is not a zoo folder (no base/config.json); see `auto-merge zoo build`")
+    root = Path(root)
     suite = TaskSuite(list(HEADLINE_TASKS), include_paths=[root / "tasks"])
     model, tokenizer = load_checkpoint(root / "base")
     n_layers = model.config.num_hidden_layers
