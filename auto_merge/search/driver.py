@@ -215,6 +215,9 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
         return run_oneshot(config, overwrite=overwrite, run_name=run_name, show_progress=show_progress,
                            write_model=write_model)
     strategy = build_strategy(config)
+    from auto_merge.search.preflight import check_evaluation
+
+    check_evaluation(config)  # device, tasks, metrics, documents: before any model is loaded
     with claim_run(config, strategy, overwrite=overwrite, run_name=run_name) as run:
         return _search_in(run.path, run.resumed, config, strategy, show_progress=show_progress,
                           write_model=write_model)

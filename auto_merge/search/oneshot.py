@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from auto_merge.search.preflight import check_evaluation, config_error
+
 MODEL_DIR = "model"
 RECIPE_FILE = "recipe.yml"
 SCORES_FILE = "final_scores.json"
@@ -59,12 +61,10 @@ def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None,
     try:
         merge = OneShotMerge.from_block(config.strategy, config.selected)
     except OneShotError as error:
-        raise _config_error(config, ("strategies", config.strategy) + error.key_path, error.message,
+        raise config_error(config, ("strategies", config.strategy) + error.key_path, error.message,
                             error.allowed) from None
     plan = compile_merge(config, merge)
-    tasks = config.global_params.evaluation.tasks
-    if tasks:
-        check_tasks(config)
+    check_evaluation(config)  # device, tasks, metrics, documents
     with claim_run(config, merge, overwrite=overwrite, run_name=run_name) as run:
         return _oneshot_in(run.path, run.resumed, config, merge, plan, started, say, write_model=write_model)
 
@@ -130,7 +130,7 @@ def compile_merge(config, merge):
         if (error.key or "").endswith("base_layer_range"):
             allowed = ("a target {model, layer_range} on this slice naming the base layers its task vectors are "
                        "taken against, or sources that all start at the same layer")
-        raise _config_error(config, config_key(config.strategy, error.key),
+        raise config_error(config, config_key(config.strategy, error.key),
                             f"the merge cannot be made: {error.detail}", allowed) from None
 
 
@@ -153,32 +153,6 @@ def config_key(strategy: str, recipe_key: str | None) -> tuple:
             path.append("merging_method")
             break
     return tuple(path)
-
-
-def check_tasks(config) -> None:
-    """The configured lm-eval tasks load (names, include paths, overrides): fails before any merge or model load."""
-    from auto_merge.evaluation.lm_eval_runner import TaskConfigError, TaskSuite
-
-    settings = config.global_params.evaluation
-    try:
-        TaskSuite([t.task for t in settings.tasks], settings.include_paths or None,
-                  overrides={t.task: t.overrides for t in settings.tasks if t.overrides},
-                  num_fewshot=settings.num_fewshot, allow_code_execution=settings.allow_code_execution,
-                  base_dir=_config_dir(config))
-    except TaskConfigError as error:
-        raise _config_error(config, ("global_params", "evaluation", "tasks"), str(error),
-                            "lm-eval tasks found in evaluation.include_path or lm-eval's own tasks") from None
-
-
-def _config_error(config, key_path: tuple, message: str, allowed: str | None):
-    from auto_merge.config.errors import ConfigError, ConfigProblem, Location
-
-    location = config.sources.locate(key_path) if config.sources is not None else Location(Path(config.source_file))
-    return ConfigError([ConfigProblem(location, key_path, message, allowed)], config_file=config.source_file)
-
-
-def _config_dir(config) -> Path | None:
-    return Path(config.source_file).parent if config.source_file is not None else None
 
 
 # ------------------------------------------------------------------------------------------ merge and scores
