@@ -218,10 +218,12 @@ def write_json_atomic(path: str | os.PathLike, payload) -> None:
 
 
 class RunFolder:
-    """A run folder held by this process: ``path``, whether an earlier run of the same fingerprint is resumed."""
+    """A run folder held by this process: ``path``, the run's ``fingerprint``, and whether an earlier run of the same
+    fingerprint is resumed."""
 
-    def __init__(self, path: Path, resumed: bool):
+    def __init__(self, path: Path, fingerprint: str, resumed: bool):
         self.path = path
+        self.fingerprint = fingerprint
         self.resumed = resumed
 
 
@@ -269,7 +271,7 @@ def claim_run_folder(output_path: str | os.PathLike, name: str, *, name_key: str
                 leftover.unlink(missing_ok=True)
         if not resumed:
             write_json_atomic(manifest_path, {"fingerprint": fingerprint, **manifest})
-        yield RunFolder(run_dir, resumed)
+        yield RunFolder(run_dir, fingerprint, resumed)
 
 
 def _what_changed(manifest_path: Path, manifest: dict) -> str | None:

@@ -74,8 +74,9 @@ def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: 
     return max(1, int(total_budget / cost * trials))
 
 
-def run_fingerprint(config, strategy) -> str:
-    """What must match for a rerun to resume rather than start over: the space, the objective and the schedule."""
+def run_fingerprint(config, strategy, sources: dict[str, str]) -> str:
+    """What must match for a rerun to resume rather than start over: the space, the objective, the schedule and the
+    source models' files (`sources`, from source_identities)."""
     block = config.selected
     search = block.model_dump(exclude={"n_workers", "dask_scheduler", "run_name"})
     evaluation = config.global_params.evaluation.model_dump(exclude={"batch_size", "device"})
@@ -86,7 +87,7 @@ def run_fingerprint(config, strategy) -> str:
         "seed": config.global_params.random_seed,
         "zoo_seed": config.global_params.zoo_seed,
         # Scores are only valid for the files they were measured on: a source replaced in place is another run.
-        "sources": source_identities(config),
+        "sources": sources,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -97,10 +98,10 @@ def source_identities(config) -> dict[str, str]:
     return {ref: model_identity(path) for ref, path in sorted(config.model_paths.items())}
 
 
-def run_manifest(config, strategy) -> dict:
+def run_manifest(config, strategy, sources: dict[str, str]) -> dict:
     """What run.json records besides the fingerprint."""
     return {
-        "sources": source_identities(config),
+        "sources": sources,
         "config_file": str(config.source_file),
         "strategy": strategy.describe(),
         "models": {ref: str(path) for ref, path in config.model_paths.items()},
@@ -116,9 +117,10 @@ def claim_run(config, strategy, *, overwrite: bool, run_name: str | None):
     name = run_name or getattr(block, "run_name", None) or config.strategy
     key = "--run-name" if run_name else (f"strategies.{config.strategy}.run_name"
                                          if getattr(block, "run_name", None) else "strategy")
+    sources = source_identities(config)
     return claim_run_folder(config.global_params.output_path or "runs", name, name_key=key,
-                            fingerprint=run_fingerprint(config, strategy), manifest=run_manifest(config, strategy),
-                            overwrite=overwrite)
+                            fingerprint=run_fingerprint(config, strategy, sources),
+                            manifest=run_manifest(config, strategy, sources), overwrite=overwrite)
 
 
 def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, dask_client, callbacks):
@@ -219,18 +221,18 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
 
     check_evaluation(config)  # device, tasks, metrics, documents: before any model is loaded
     with claim_run(config, strategy, overwrite=overwrite, run_name=run_name) as run:
-        return _search_in(run.path, run.resumed, config, strategy, show_progress=show_progress,
+        return _search_in(run.path, run.fingerprint, run.resumed, config, strategy, show_progress=show_progress,
                           write_model=write_model)
 
 
-def _search_in(run_dir: Path, resumed: bool, config, strategy, *, show_progress: bool, write_model: bool):
+def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy, *, show_progress: bool,
+               write_model: bool):
     """The search itself, in a run folder this process holds."""
     from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run, trial_key
     from auto_merge.search.trial import spec_cache_path
     from auto_merge.strategies import objectives_of
 
     block = config.selected
-    fingerprint = run_fingerprint(config, strategy)
     space = strategy.build_space(seed=config.global_params.random_seed)
     objectives = objectives_of(config)
     workers = 1 if not block.dask_scheduler and block.n_workers <= 1 else block.n_workers

@@ -228,9 +228,9 @@ def score_folder(config, folder: Path, fingerprint: str, cache_path: Path, say) 
 
 def folder_fingerprint(ref: str, folder: Path) -> str:
     """Identifies an input model's weights for the result cache: its reference, folder and weight files' stats."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    payload = json.dumps({"model": ref, "folder": str(Path(folder).resolve()), "files": stats})
+    from auto_merge.models.inspect import model_identity
+
+    payload = json.dumps({"model": ref, "folder": str(Path(folder).resolve()), "files": model_identity(folder)})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -62,8 +62,8 @@ class TrialRecorder(Callback):
         self.objectives = objectives
         drop_torn_tail(path)
         self.records = read_trials(path)
-        # Trials logged by an earlier process. A kill between a trial's log line and SMAC's save of its state makes the
-        # resumed SMAC run that trial again (its examples come from the cache): it must not be logged twice.
+        # Trials logged by an earlier process: a resume tells them to SMAC again (replayed, see the driver), and a
+        # trial must not be logged twice.
         self._logged_earlier = Counter(trial_key(r) for r in self.records)
         self.best = max((r["score"] for r in self.records if r.get("score") is not None), default=None)
         self.progress.update(len(self.records), None, self.best)
@@ -98,7 +98,7 @@ class TrialRecorder(Callback):
             "eval_seconds": extra.get("eval_seconds"),
             "seconds": value.time,
             "worker_pid": extra.get("worker_pid"),
-            "error": extra.get("error") or _default_error(status, smbo),
+            "error": extra.get("error") or _default_error(status),
             "traceback": extra.get("traceback"),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -119,7 +119,7 @@ class TrialRecorder(Callback):
         return None
 
 
-def _default_error(status: str, smbo) -> str | None:
+def _default_error(status: str) -> str | None:
     """SMAC reports a stopped trial without a reason: say which limit stopped it."""
     if status == "success":
         return None
