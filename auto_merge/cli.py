@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from auto_merge.errors import AutoMergeError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -20,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserFacingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # the project's user-facing errors: one line, no traceback
+    except Exception as err:  # the project's user-facing errors: one line (or block), no traceback
         from auto_merge.errors import AutoMergeError
 
         if not isinstance(err, AutoMergeError):
@@ -64,8 +63,30 @@ def reexec_with_fixed_hash_seed() -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "PYTHONHASHSEED": "0"})
 
 
-class UserFacingError(Exception):
-    """An error whose message is the whole story: printed without a traceback."""
+class UserFacingError(AutoMergeError):
+    """A command-line argument that cannot be used: the message is the whole story."""
+
+
+def _count(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a batch size, a number of samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    """argparse type of a seed: a whole number >= 0 (numpy and torch refuse negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "records, else the project's custom_tasks/)")
     replay.add_argument("--allow-code-execution", action="store_true",
                         help="allow tasks that run model-written code (MBPP, HumanEval style) for --eval")
+    replay.add_argument("--as-reference", action="store_true",
+                        help="for the reference's flat JSON: decode as the reference did (the model it exported), "
+                             "not with this project's semantics; the model card lists what still differs")
     replay.set_defaults(handler=cmd_replay)
 
     validate = commands.add_parser("validate", help="validate an experiment config without loading any model")
@@ -106,18 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_build = zoo_commands.add_parser(
         "build", help="rebuild base + experts with the project's recipe (into the cache) and compare with the shipped zoo")
     zoo_build.add_argument("--out", type=Path, default=None, help="folder to build into (default: the cache)")
-    zoo_build.add_argument("--seed", type=int, default=0)
+    zoo_build.add_argument("--seed", type=_seed, default=0)
     zoo_build.add_argument("--overwrite", action="store_true", help="rebuild into --out even if it holds a zoo")
     zoo_build.set_defaults(handler=cmd_zoo_build)
     zoo_report = zoo_commands.add_parser("report", help="score base, experts and merges on the zoo's tasks")
-    zoo_report.add_argument("--seed", type=int, default=0)
-    zoo_report.add_argument("--samples", type=int, default=30, help="random per-layer-group merges to try")
+    zoo_report.add_argument("--seed", type=_seed, default=0)
+    zoo_report.add_argument("--samples", type=_count, default=30, help="random per-layer-group merges to try")
     zoo_report.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     zoo_report.add_argument("--dir", type=Path, default=None,
                             help="score the zoo in this folder (e.g. a rebuild) instead of the zoo of --seed")
     zoo_report.set_defaults(handler=cmd_zoo_report)
     zoo_path = zoo_commands.add_parser("path", help="print the folder of the zoo of --seed (shipped for seed 0)")
-    zoo_path.add_argument("--seed", type=int, default=0)
+    zoo_path.add_argument("--seed", type=_seed, default=0)
     zoo_path.set_defaults(handler=cmd_zoo_path)
 
     merge = commands.add_parser("merge", help="merge models as a recipe says (mergekit YAML or the reference's slices)")
@@ -126,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--cuda", action="store_true", help="merge on the GPU")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     merge.add_argument("--out-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB (default 2GB)")
-    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*)")
+    merge.add_argument("--seed", type=_seed, default=0, help="seed of the random methods (dare_*, della*)")
     merge.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also read .bin (pickle) checkpoints, with weights_only loading")
@@ -139,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     evaluate.add_argument("--include-path", action="append", type=Path, default=None,
                           help="folder of lm-eval task YAMLs (repeatable; default: the project's custom_tasks/)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=_count, default=64)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     evaluate.add_argument("--allow-code-execution", action="store_true",
@@ -153,12 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_config(path: Path, check_models: bool):
-    from auto_merge.config import ConfigError, load_experiment
+    from auto_merge.config import load_experiment
 
-    try:
-        return load_experiment(path, check_models=check_models)
-    except ConfigError as err:
-        raise UserFacingError(str(err)) from None
+    return load_experiment(path, check_models=check_models)
 
 
 def cmd_validate(args) -> int:
@@ -172,29 +193,19 @@ def cmd_search(args) -> int:
     print(f"{args.config}: valid ({config.strategy}); models resolved")
     if args.dry_run:
         return 0
-    from auto_merge.config import ConfigError
-    from auto_merge.search.driver import SearchError, run_search
-    from auto_merge.strategies import StrategyError
+    from auto_merge.search.driver import run_search
 
-    try:
-        run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model,
-                   config=config)
-    except (ConfigError, SearchError, StrategyError) as err:
-        raise UserFacingError(str(err)) from None
+    run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model,
+               config=config)
     return 0
 
 
 def cmd_replay(args) -> int:
-    from auto_merge.config import ConfigError
-    from auto_merge.search.replay import ReplayError, replay
-    from auto_merge.strategies import StrategyError
+    from auto_merge.search.replay import replay
 
-    try:
-        report = replay(args.found, args.out_dir, config_path=args.config, overwrite=args.overwrite,
-                        evaluate=args.eval, include_paths=args.include_path,
-                        allow_code_execution=args.allow_code_execution)
-    except (ReplayError, ConfigError, StrategyError) as err:
-        raise UserFacingError(str(err)) from None
+    report = replay(args.found, args.out_dir, config_path=args.config, overwrite=args.overwrite,
+                    evaluate=args.eval, include_paths=args.include_path,
+                    allow_code_execution=args.allow_code_execution, as_reference=args.as_reference)
     print(f"wrote {report['out_dir']}")
     for task, score in (report.get("scores") or {}).items():
         print(f"{task}: {score:.4f}")
@@ -249,12 +260,12 @@ def cmd_merge(args) -> int:
 
     try:
         parse_size(args.out_shard_size)
-        plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle)  # headers only
-        if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
-            check_replaceable(args.out_dir, overwrite=args.overwrite,
-                              protected=[model.path for model in plan.models.values()])
-    except (ValueError, FileExistsError) as err:  # RecipeError, model resolution and inspection errors
-        raise UserFacingError(str(err)) from None
+    except ValueError as err:
+        raise UserFacingError(f"--out-shard-size: {err}") from None
+    plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle")
+    if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
+        check_replaceable(args.out_dir, overwrite=args.overwrite,
+                          protected=[model.path for model in plan.models.values()])
     if args.dry_run:
         print(describe_plan(plan, args.out_shard_size))
         return 0
@@ -273,11 +284,14 @@ def cmd_merge(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from auto_merge.evaluation.lm_eval_runner import TaskConfigError, evaluate_checkpoint, format_table
-    from auto_merge.models.inspect import ModelInspectionError, inspect_model
+    from auto_merge.evaluation.lm_eval_runner import evaluate_checkpoint, format_table
+    from auto_merge.models.inspect import ModelInspectionError, PickleRefusedError, inspect_model
 
     model_path = _resolve_model_arg(args.model)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserFacingError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval task names, "
+                              f"e.g. zoo_num,zoo_col")
     limit = args.limit
     if limit is not None and not limit > 0:
         raise UserFacingError(f"--limit {args.limit:g}: give a number of examples per task (>= 1) or a fraction "
@@ -291,9 +305,10 @@ def cmd_eval(args) -> int:
             raise UserFacingError(f"--device {args.device}: torch sees no CUDA device; use --device cpu")
     try:  # headers and config only: a truncated, pickle-only or custom-code folder is refused before loading
         info = inspect_model(args.model, model_path, allow_pickle=args.allow_pickle)
+    except PickleRefusedError as err:
+        raise UserFacingError(f"--model {args.model}: {err.with_opt_in('pass --allow-pickle')}") from None
     except ModelInspectionError as err:
-        raise UserFacingError(f"--model {args.model}: {err}".replace("global_params.allow_pickle: true",
-                                                                     "pass --allow-pickle")) from None
+        raise UserFacingError(f"--model {args.model}: {err}") from None
     if info.config.get("auto_map") and not args.trust_remote_code:
         raise UserFacingError(f"--model {args.model}: config.json names custom model code (auto_map); pass "
                               f"--trust-remote-code to run it, or use a model of an architecture transformers knows")
@@ -302,7 +317,7 @@ def cmd_eval(args) -> int:
                                       include_paths=args.include_path, dtype=args.dtype,
                                       allow_code_execution=args.allow_code_execution,
                                       allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    except (TaskConfigError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
         raise UserFacingError(str(err)) from None
     for task in tasks:
         if task in results:

@@ -47,11 +47,11 @@ def check_folder_name(name: str, key: str) -> str:
     return name
 
 
-def child_folder(parent: str | os.PathLike, name: str, key: str) -> Path:
+def child_folder(parent: str | os.PathLike, name: str, key: str, *, parent_key: str = "output path") -> Path:
     """``parent/name`` for a user-given ``name`` that is checked to stay inside ``parent``."""
     parent = Path(parent)
     if parent.exists() and not parent.is_dir():
-        raise OutputDirError(f"{parent} is a file, not a folder; give a folder for the output path")
+        raise OutputDirError(f"{parent_key}: {parent} is a file, not a folder; allowed: a folder (existing or new)")
     return parent / check_folder_name(name, key)
 
 
@@ -95,6 +95,18 @@ def _check_location(out_dir: Path, protected: Iterable, what: str) -> None:
                                  f"write the output elsewhere (sources are never replaced)")
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputDirError(f"{out_dir} exists and is not a folder; give a new {what}")
+
+
+def _make_parent(folder: Path, what: str) -> None:
+    """Create ``folder``'s parent, or say in one line why it cannot be written (a read-only or missing place)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        probe = folder.parent / f".{folder.name}{_TEMP_TAG}probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise OutputDirError(f"cannot write the {what} {folder}: {error.strerror or error} "
+                             f"({error.filename or folder.parent}); allowed: a folder you can write to") from None
 
 
 @contextlib.contextmanager
@@ -174,7 +186,7 @@ def atomic_folder(out_dir: str | os.PathLike, *, overwrite: bool = False, protec
     out_dir = Path(out_dir).absolute()
     protected = list(protected)
     check_replaceable(out_dir, overwrite=overwrite, protected=protected, what=what)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out_dir, what)
     clean_stale_temporaries(out_dir)
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     temporary = out_dir.with_name(f".{out_dir.name}{_TEMP_TAG}{token}")
@@ -229,16 +241,16 @@ class RunFolder:
 
 @contextlib.contextmanager
 def claim_run_folder(output_path: str | os.PathLike, name: str, *, name_key: str, fingerprint: str,
-                     manifest: dict, overwrite: bool) -> Iterator[RunFolder]:
+                     manifest: dict, overwrite: bool, output_key: str = "output path") -> Iterator[RunFolder]:
     """Hold the run folder ``output_path/name`` for the duration of the block.
 
     Another process holding it is an error (never two writers). A folder with the same fingerprint is resumed; one
     of another run is refused unless ``overwrite``, which retires it (renamed, then deleted) only when it is an
     auto-merge run folder. Temporaries left in or beside it by a killed run are removed.
     """
-    run_dir = child_folder(output_path, name, name_key)
+    run_dir = child_folder(output_path, name, name_key, parent_key=output_key)
     _check_location(run_dir, (), "run folder")
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(run_dir, "run folder")
     lock = run_dir.with_name(f".{run_dir.name}.lock")
     with _held_lock(lock, blocking=False,
                     busy=f"{run_dir} is in use by another auto-merge search or merge; wait for it to finish, "

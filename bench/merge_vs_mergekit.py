@@ -13,6 +13,15 @@ many elements differ beyond fp32 rounding (more than 8 ulp of the largest of the
 dare_ties is random, so only statistics are compared there (fraction of entries left at the base value, norm of the
 task vector per tensor).
 
+mergekit 0.1.5's selective methods (`--methods nearswap ram ramplus_tl arcee_fusion`, see SELECTIVE_RECIPES for the
+parameters: nearswap and arcee_fusion merge expert1 into the base, ram and ramplus_tl all 3 experts) are compared
+tensor by tensor as well, with a second table per method: per tensor kind (the layer index replaced by `*`), the
+max abs difference over those tensors and how many tensors / elements differ. arcee_fusion is exact for tensors of
+at most 10^6 elements; above that both tools take its quartiles from 10^6 entries drawn at random (different
+generators), so there it prints the share of entries whose keep/reset decision differs, the shares kept on each
+side, and the max abs difference over the entries both keep or both reset. `--config tiny` (0.2M params, every
+tensor under 10^6 elements) runs all four in under a minute.
+
 mergekit runs in its own venv (`--mergekit-venv`, or $AUTO_MERGE_MERGEKIT_VENV, default
 ~/.cache/auto-merge/mergekit-venv), created when missing with `python3 -m venv` and
 `pip install torch==2.13.0 mergekit==0.1.5` (torch pinned in the same command, else pip pulls a CUDA build).
@@ -39,7 +48,20 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VENV = Path(os.environ.get("AUTO_MERGE_MERGEKIT_VENV", "~/.cache/auto-merge/mergekit-venv")).expanduser()
 DEFAULT_WORK = Path("~/.cache/auto-merge/bench-work").expanduser()
 MERGEKIT_PINS = ["torch==2.13.0", "mergekit==0.1.5"]
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "nearswap", "ram", "ramplus_tl", "arcee_fusion")
+DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties")
+# mergekit 0.1.5's selective methods: (experts merged into the base, shared `parameters:` as mergekit names them).
+# Expert deltas are ~N(0, 1e-3^2) on the matrices (|delta| / |theta| = 0.05) and ~5e-2 on the norm weights, so
+# nearswap's t = 1e-3 takes some entries whole and pulls others towards the base, epsilon = 1e-3 lets about a
+# third of each expert's matrix entries count in ram / ramplus_tl (a mix of unique and shared entries), and
+# ramplus_tl's alpha = 2 sits above most tensors' rho (~1.2) so the clamp is not always what decides.
+SELECTIVE_RECIPES = {
+    "nearswap": (1, "{t: 0.001}"),
+    "ram": (3, "{epsilon: 0.001}"),
+    "ramplus_tl": (3, "{r: 0.5, alpha: 2.0, epsilon: 0.001}"),
+    "arcee_fusion": (1, None),
+}
+FUSION_SAMPLED_ABOVE = 1_000_000  # arcee_fusion samples its quartiles (randomly) for tensors above this size
 GOALS = {"linear": 3.0, "task_arithmetic": 3.0, "ties": 8.0}  # speed-up over mergekit the issue asks for
 ULP_FACTOR = 8 * 2.0 ** -23  # "beyond fp32 rounding": more than 8 ulp of the operands' magnitude
 
@@ -64,6 +86,14 @@ def recipe_text(method: str, models: Path) -> str:
         for path, weight in zip(experts, (0.5, 0.3, 0.2)):
             lines += [f"  - model: {path}", f"    parameters: {{weight: {weight}}}"]
         lines += ["merge_method: linear", "parameters: {normalize: true}"]
+    elif method in SELECTIVE_RECIPES:
+        n_experts, shared = SELECTIVE_RECIPES[method]
+        lines.append("models:")
+        for path in experts[:n_experts]:
+            lines.append(f"  - model: {path}")
+        lines += [f"merge_method: {method}", f"base_model: {base}"]
+        if shared is not None:
+            lines.append(f"parameters: {shared}")
     else:
         per_model = {"task_arithmetic": "{weight: 1.0}",
                      "ties": "{weight: 1.0, density: 0.5}",
@@ -180,6 +210,101 @@ def compare_exact(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
             "tensors_differing": differing_tensors, "dtypes": sorted(dtypes)}
 
 
+def tensor_kind(name: str) -> str:
+    parts = name.split(".")
+    return ".".join("*" if part.isdigit() else part for part in parts)
+
+
+def compare_per_tensor(a_dir: Path, b_dir: Path, base_dir: Path, sampled_above: int | None = None) -> dict:
+    """Tensor by tensor: max abs difference and elements beyond fp32 rounding, the max over the model, and the
+    same grouped by tensor kind. Tensors above `sampled_above` elements (arcee_fusion's randomly sampled quartiles)
+    are compared by their keep/reset decisions instead (kept = differs from the base)."""
+    import torch
+
+    a, b, base = Checkpoint(a_dir), Checkpoint(b_dir), Checkpoint(base_dir)
+    if a.names() != b.names():
+        raise AssertionError(f"different tensor names: {sorted(a.names() ^ b.names())[:5]}")
+    tensors = {}
+    for name in sorted(a.names()):
+        x, y, theta = a.get(name), b.get(name), base.get(name)
+        if x.shape != y.shape:
+            raise AssertionError(f"{name}: shapes {tuple(x.shape)} vs {tuple(y.shape)}")
+        x, y, theta = x.float(), y.float(), theta.float()
+        diff = (x - y).abs()
+        row = {"numel": x.numel(), "max_abs_diff": float(diff.max()) if x.numel() else 0.0,
+               "changed_mergekit": int((x != theta).sum()), "changed_ours": int((y != theta).sum())}
+        if sampled_above is not None and x.numel() > sampled_above:
+            kept_a, kept_b = x != theta, y != theta
+            same = kept_a == kept_b
+            row.update(sampled=True, decisions_differing=int((~same).sum()), kept_mergekit=int(kept_a.sum()),
+                       kept_ours=int(kept_b.sum()),
+                       max_abs_diff_same_decision=float(diff[same].max()) if bool(same.any()) else 0.0)
+        else:
+            scale = torch.maximum(x.abs(), y.abs()).maximum(theta.abs())
+            row.update(sampled=False, n_differing=int((diff > ULP_FACTOR * scale).sum()),
+                       n_not_identical=int((x != y).sum()))
+        tensors[name] = row
+    exact = {k: v for k, v in tensors.items() if not v["sampled"]}
+    sampled = {k: v for k, v in tensors.items() if v["sampled"]}
+    kinds: dict[str, dict] = {}
+    for name, row in tensors.items():
+        k = kinds.setdefault(tensor_kind(name), {"tensors": 0, "numel": row["numel"], "max_abs_diff": 0.0,
+                                                 "tensors_not_identical": 0, "n_differing": 0,
+                                                 "n_not_identical": 0, "sampled": row["sampled"],
+                                                 "decisions_differing": 0, "kept_mergekit": 0, "kept_ours": 0,
+                                                 "max_abs_diff_same_decision": 0.0, "elements": 0})
+        k["tensors"] += 1
+        k["elements"] += row["numel"]
+        k["max_abs_diff"] = max(k["max_abs_diff"], row["max_abs_diff"])
+        if row["sampled"]:
+            for key in ("decisions_differing", "kept_mergekit", "kept_ours"):
+                k[key] += row[key]
+            k["max_abs_diff_same_decision"] = max(k["max_abs_diff_same_decision"], row["max_abs_diff_same_decision"])
+        else:
+            k["n_differing"] += row["n_differing"]
+            k["n_not_identical"] += row["n_not_identical"]
+            k["tensors_not_identical"] += row["n_not_identical"] > 0
+    worst = max(exact, key=lambda n: exact[n]["max_abs_diff"]) if exact else ""
+    return {
+        "max_abs_diff": exact[worst]["max_abs_diff"] if exact else 0.0, "worst_tensor": worst,
+        "n_differing": sum(r["n_differing"] for r in exact.values()),
+        "n_not_identical": sum(r["n_not_identical"] for r in exact.values()),
+        "n_elements": sum(r["numel"] for r in exact.values()),
+        "tensors_exact": len(exact), "tensors_not_identical": sum(r["n_not_identical"] > 0 for r in exact.values()),
+        "tensors_sampled": len(sampled), "n_elements_sampled": sum(r["numel"] for r in sampled.values()),
+        "decisions_differing": sum(r["decisions_differing"] for r in sampled.values()),
+        "kept_mergekit": sum(r["kept_mergekit"] for r in sampled.values()),
+        "kept_ours": sum(r["kept_ours"] for r in sampled.values()),
+        "max_abs_diff_same_decision": max((r["max_abs_diff_same_decision"] for r in sampled.values()), default=0.0),
+        "changed_mergekit": sum(r["changed_mergekit"] for r in tensors.values()),
+        "changed_ours": sum(r["changed_ours"] for r in tensors.values()),
+        "kinds": kinds, "tensors": tensors,
+    }
+
+
+def print_kinds(method: str, comparison: dict) -> None:
+    total = sum(r["numel"] for r in comparison["tensors"].values())
+    print(f"\n{method}: max abs diff {comparison['max_abs_diff']:.3g} over {comparison['tensors_exact']} tensors "
+          f"compared exactly ({comparison['n_not_identical']} of {comparison['n_elements']} elements not "
+          f"bit-identical); elements changed from the base: mergekit {comparison['changed_mergekit'] / total:.4f}, "
+          f"ours {comparison['changed_ours'] / total:.4f}")
+    print("per tensor kind (max abs diff = max over the kind's tensors; 'not identical' = any bit differs)")
+    rows = []
+    for kind, k in comparison["kinds"].items():
+        if k["sampled"]:
+            n = k["elements"]
+            detail = (f"(sampled quartiles) decisions differ {k['decisions_differing']} / {n} "
+                      f"({k['decisions_differing'] / n:.2e}); kept {k['kept_mergekit'] / n:.4f} vs "
+                      f"{k['kept_ours'] / n:.4f}; max diff where same decision {k['max_abs_diff_same_decision']:.3g}")
+            rows.append([kind, k["tensors"], k["numel"], f"{k['max_abs_diff']:.3g}", "-", "-", detail])
+        else:
+            rows.append([kind, k["tensors"], k["numel"], f"{k['max_abs_diff']:.3g}",
+                         f"{k['tensors_not_identical']} / {k['tensors']}",
+                         f"{k['n_not_identical']} / {k['elements']}", f"beyond 8 ulp: {k['n_differing']}"])
+    print_table(rows, ["tensor kind", "tensors", "elements each", "max abs diff", "tensors not identical",
+                       "elements not identical", "note"])
+
+
 def compare_statistics(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
     """For random methods: per tensor, the share of entries equal to the base and the task vector's norm."""
     a, b, base = Checkpoint(a_dir), Checkpoint(b_dir), Checkpoint(base_dir)
@@ -228,7 +353,8 @@ def main() -> None:
     parser.add_argument("--mergekit-venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
     parser.add_argument("--repeats", type=int, default=2, help="runs per side and method (the minimum is shown)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS),
+                        help=f"default: {' '.join(DEFAULT_METHODS)}")
     parser.add_argument("--skip-mergekit", action="store_true", help="run our side only (no comparison)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -246,6 +372,10 @@ def main() -> None:
         startup["mergekit"] = run_timed([str(exe), "--help"], env, work / "logs" / "mergekit-help.log")["wall_s"]
 
     print(f"models: {models} ({make_models.n_params(args.config) / 1e6:.1f}M params each, fp32, base + 3 experts)")
+    for method in args.methods:
+        if method in SELECTIVE_RECIPES:
+            n_experts, shared = SELECTIVE_RECIPES[method]
+            print(f"  {method}: base + {', '.join(make_models.EXPERTS[:n_experts])}, parameters {shared or '{}'}")
     print(f"threads: {args.threads} (of {os.cpu_count()} CPUs); repeats: {args.repeats}; "
           f"start-up only: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()), flush=True)
 
@@ -275,6 +405,10 @@ def main() -> None:
         if exe is not None:
             if method == "dare_ties":
                 result["statistics"] = compare_statistics(outs["mergekit"], outs["ours"], models / "base")
+            elif method in SELECTIVE_RECIPES:
+                result["comparison"] = compare_per_tensor(
+                    outs["mergekit"], outs["ours"], models / "base",
+                    FUSION_SAMPLED_ABOVE if method == "arcee_fusion" else None)
             else:
                 result["comparison"] = compare_exact(outs["mergekit"], outs["ours"], models / "base")
         results[method] = result
@@ -294,6 +428,10 @@ def main() -> None:
             if "comparison" in result:
                 c = result["comparison"]
                 row += [f"{c['max_abs_diff']:.3g}", f"{c['n_differing']} / {c['n_elements']}"]
+                if c.get("tensors_sampled"):
+                    row[-2] += f" ({c['tensors_exact']} tensors <= 1e6 el.)"
+                    row[-1] += (f"; sampled {c['tensors_sampled']} tensors: decisions differ "
+                                f"{c['decisions_differing']} / {c['n_elements_sampled']}")
             else:
                 s = result["statistics"]
                 row += [f"(random) changed {s['changed_share_mergekit']:.4f} vs {s['changed_share_ours']:.4f}",
@@ -308,6 +446,9 @@ def main() -> None:
         rows.append(row)
     print()
     print_table(rows, header)
+    for method, result in results.items():
+        if "kinds" in result.get("comparison", {}):
+            print_kinds(method, result["comparison"])
     print(f"\nload average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"({os.cpu_count()} CPUs); wall = min over {args.repeats} runs, CPU and RSS of that run")
     if args.json:

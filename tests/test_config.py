@@ -32,6 +32,7 @@ from auto_merge.models import (
 )
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
 BAD_CONFIGS = DATA / "bad_configs"
 GOOD_CONFIGS = DATA / "good_configs"
 # Verbatim copies of the reference's exp_config/*.yaml (/work/shared/reference/exp_config).
@@ -136,7 +137,7 @@ def test_bad_config_error_names_file_line_key_and_allowed(config_name, tiny_alia
     line = next(text for text in str(error).splitlines() if str(problem) in text)
     assert f"{expected['file']}:{expected['line']}: " in line
     assert expected_key is None or f": {expected_key}: " in line
-    assert f"; allowed: " in line and expected["allowed"] in line.split("; allowed: ", 1)[1]
+    assert "; allowed: " in line and expected["allowed"] in line.split("; allowed: ", 1)[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,6 +206,50 @@ def test_reference_depth_configurations_replay_to_checkpoints(tmp_path, referenc
                                                                                + aliases, 1))
     replay(DATA / "reference" / "search_config" / found, tmp_path / "out", config_path=config_file)
     assert AutoConfig.from_pretrained(tmp_path / "out").num_hidden_layers == depth
+
+
+def test_a_reference_prune_replay_states_its_departures_and_as_reference_reproduces_the_exported_model(
+        tmp_path, reference_aliases):
+    """The reference searched prune output scales but never applied them (issue 16): a replay applies them and says
+    so (printed, returned, in the model card); --as-reference leaves them out, as the reference's model had none."""
+    import torch
+    from safetensors.torch import load_file
+
+    from auto_merge.search.replay import load_found_configuration, replay
+
+    shutil.copytree(REFERENCE_CONFIGS, tmp_path / "exp", dirs_exist_ok=True)
+    config_file = tmp_path / "exp" / "config_prune.yaml"
+    aliases = "".join(f'    "{hub_id}": "{path}"\n' for hub_id, path in reference_aliases.items())
+    config_file.write_text(config_file.read_text().replace("global_params:\n", "global_params:\n  model_aliases:\n"
+                                                                               + aliases, 1))
+    found = DATA / "reference" / "search_config" / "prune" / "13b" / "1.json"
+    strategy, values, paths, _ = load_found_configuration(found, config_file)
+    plan = strategy.layer_plan(values)
+    scaled = [(position, chosen, layer, scale) for position, (chosen, layer, _, scale) in enumerate(plan)
+              if scale != 1.0 and len(chosen) <= 1]
+    assert scaled, "the published file has output scales that are not 1"
+
+    ours = replay(found, tmp_path / "ours", config_path=config_file)
+    theirs = replay(found, tmp_path / "theirs", config_path=config_file, as_reference=True)
+    assert any("output_scale" in note for note in ours["departures"])
+    assert not any("output_scale" in note for note in theirs["departures"])
+    card = (tmp_path / "ours" / "README.md").read_text()
+    assert "## Departures from the reference's model" in card and "never applied them" in card
+
+    position, chosen, layer, scale = scaled[0]
+    source = load_file(Path(paths[chosen[0] if chosen else strategy.base_model]) / "model.safetensors")
+    name = "model.layers.{}.mlp.down_proj.weight"
+    ours_weights, theirs_weights = (load_file(tmp_path / folder / "model.safetensors") for folder in ("ours", "theirs"))
+    assert torch.equal(theirs_weights[name.format(position)], source[name.format(layer)])
+    assert torch.allclose(ours_weights[name.format(position)], scale * source[name.format(layer)])
+
+
+def test_as_reference_is_refused_for_this_projects_own_found_configurations(tmp_path):
+    from auto_merge.search.replay import ReplayError, replay
+
+    with pytest.raises(ReplayError, match="--as-reference applies to the reference"):
+        replay(REPO / "search_config" / "lfs" / "best.json", tmp_path / "out", as_reference=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_reference_lfs_config_without_aliases_says_model_is_not_available_offline():

@@ -78,7 +78,7 @@ def test_include_of_a_sibling_or_a_subfolder_works(tmp_path):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda d: _write(d, "c.yaml", "strategy: \x01lfs\n"), "unacceptable character"),  # D11: control byte
+    (lambda d: _write(d, "c.yaml", "strategy: \x01lfs\n"), r"character U\+0001 is not allowed"),  # D11: control byte
     (lambda d: (d / "c.yaml").mkdir() or d / "c.yaml", "is a folder, not a file"),  # D17
     (lambda d: _write(d, "c.yaml", "x: " + "y" * (2 * 1024 * 1024) + "\n"), "more than a config can be"),
 ])

@@ -140,6 +140,48 @@ def test_reference_dis_configuration_imports_to_the_golden_layer_list():
     assert sum(s["sources"][0]["layer_range"][1] - s["sources"][0]["layer_range"][0] for s in slices) == 47
 
 
+def test_dis_as_reference_scales_base_fallbacks_and_takes_the_fixed_layers_from_the_first_expert():
+    strategy = dis(fix_layers=1)  # positions 0..5 cover source layers 1..6
+    values = selection(strategy, {0: [0]}, scales={0: 0.5, 1: 0.8})  # position 1 selects nothing: base fallback
+    assert strategy.layer_plan(values)[:3] == [("B", 0, 1.0), ("X", 1, 0.5), ("B", 2, 1.0)]
+    assert strategy.layer_plan(values, as_reference=True)[:3] == [("X", 0, 1.0), ("X", 1, 0.5), ("B", 2, 0.8)]
+    assert strategy.layer_plan(values, as_reference=True)[-1] == ("X", 7, 1.0)
+    notes = strategy.reference_departures(values)
+    assert len(notes) == 2 and "position(s) (1)" in notes[0] and "models[0]" in notes[1]
+    assert strategy.reference_departures(values, as_reference=True) == []
+    fallback = strategy.decode(values, as_reference=True)["slices"][2]
+    assert fallback["sources"][0] == {"model": "B", "layer_range": [2, 3]} and "parameters" in fallback
+
+
+def test_reference_dis_golden_file_departs_only_where_it_falls_back_with_a_scale():
+    strategy = DISStrategy(base_model="meta-llama/Llama-2-13b-hf", models=REFERENCE_MODELS, num_layers=40,
+                           max_layers=50)
+    values = strategy.import_reference(
+        json.loads((REFERENCE_SEARCH / "dis" / "single-obj" / "lm-dis0.json").read_text()))
+    scaled_fallbacks = [i for i in (20, 23, 25, 26, 30, 36) if values[f"scale_{i}"] != 1.0]
+    notes = strategy.reference_departures(values)
+    assert len(notes) == (1 if scaled_fallbacks else 0)
+    if scaled_fallbacks:
+        assert f"{len(scaled_fallbacks)} position(s)" in notes[0]
+
+
+def test_prune_as_reference_drops_output_scales_and_reads_moved_merges_against_the_new_position():
+    strategy = prune()
+    values = dict(strategy.build_space().get_default_configuration())
+    values.update(strategy.removal_values([1, 2]))
+    for layer in (3, 4, 5, 6, 7, 0):
+        for c in range(3):
+            values[f"layer_{layer}_candidate_{c}"] = 0
+        values[f"layer_{layer}_output_scale"] = 1.0
+    values.update({"layer_3_candidate_0": 1, "layer_3_candidate_1": 1, "layer_4_output_scale": 1.5})
+    ours, theirs = strategy.decode(values), strategy.decode(values, as_reference=True)
+    assert ours["slices"][1]["base_layer_range"] == [3, 4]  # layer 3 is output position 1
+    assert theirs["slices"][1]["base_layer_range"] == [1, 2]
+    assert "parameters" in ours["slices"][2] and "parameters" not in theirs["slices"][2]
+    notes = strategy.reference_departures(values)
+    assert len(notes) == 2 and "layers 4" in notes[0] and "layers 3" in notes[1]
+
+
 def test_reference_dis_file_of_another_space_gets_a_clear_error():
     strategy = DISStrategy(base_model="meta-llama/Llama-2-13b-hf", models=REFERENCE_MODELS, num_layers=40,
                            max_layers=50)

@@ -217,3 +217,41 @@ def test_a_trial_past_the_walltime_limit_is_a_timeout_with_its_reason(tmp_path):
     trials = read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl")
     assert [t["status"] for t in trials] == ["timeout", "timeout"]
     assert all("stopped after trial_walltime_limit (0.001 s)" in t["error"] for t in trials)
+
+
+def test_a_one_shot_run_records_a_model_it_could_not_score_and_a_rerun_retries_it(tmp_path, monkeypatch, capsys):
+    """The one-shot path shares the search's fault-tolerant final scoring (search/final_scoring.py)."""
+    from auto_merge.search import oneshot
+
+    config = {
+        "strategy": "normal_models",
+        "global_params": {"random_seed": 0, "output_path": str(tmp_path / "runs"), "evaluation": {
+            "batch_size": 64, "include_path": str(REPO / "custom_tasks"), "limit": 20,
+            "tasks": [{"task": "zoo_col", "metric": "exact_match,none"}]}},
+        "strategies": {"normal_models": {
+            "base_model": "zoo:base", "models": [{"model": "zoo:num"}, {"model": "zoo:col"}],
+            "merging_method": {"task_arithmetic": {"scaling_coefficient": [{"value": 0.7}]}}}},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    col_folder = zoo_root() / "col"
+    original = oneshot.score_folder
+
+    def score_folder(config, folder, *args):
+        if Path(folder).resolve() == col_folder.resolve():
+            raise RuntimeError("doc_to_text failed on document 17")
+        return original(config, folder, *args)
+
+    monkeypatch.setattr(oneshot, "score_folder", score_folder)
+    result = run_search(path, show_progress=False)
+    final = json.loads((result.run_dir / "final_scores.json").read_text())
+    assert final["failed"] == [{"what": "input model zoo:col", "error": "RuntimeError: doc_to_text failed on document 17"}]
+    assert final["merge"]["mean_score"] > 0 and final["base"] is not None and list(final["experts"]) == ["zoo:num"]
+    assert (result.run_dir / "model" / "config.json").is_file()
+    assert "NOT scored: input model zoo:col: RuntimeError" in capsys.readouterr().out
+
+    monkeypatch.setattr(oneshot, "score_folder", original)
+    again = run_search(path, show_progress=False)  # scores with a failure are not reused: what failed is retried
+    assert not again.reused and again.final_scores["failed"] == []
+    assert list(again.final_scores["experts"]) == ["zoo:num", "zoo:col"]
+    assert again.final_scores["merge"]["scores"] == final["merge"]["scores"]

@@ -51,7 +51,7 @@ def slerp_formula(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Ten
 ALL_METHODS = {
     "linear", "slerp", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "karcher", "sce", "passthrough",
-    "fourier",
+    "fourier", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
 }
 
 
@@ -69,11 +69,11 @@ def test_registry_lists_every_method_with_consistent_specs():
             if not param.required:
                 param.coerce(param.default, name)  # every default satisfies its own range
     random_methods = {name for name in ALL_METHODS if get_method(name).is_random}
-    assert random_methods == {"dare_linear", "dare_ties", "della", "della_linear"}
+    assert random_methods == {"dare_linear", "dare_ties", "della", "della_linear", "arcee_fusion"}
     base_required = {name for name in ALL_METHODS if get_method(name).requires_base}
     assert base_required == {
         "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-        "della", "della_linear", "model_stock", "sce", "fourier",
+        "della", "della_linear", "model_stock", "sce", "fourier", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
     }
     assert (get_method("slerp").min_models, get_method("slerp").max_models) == (1, 1)
     assert (get_method("nuslerp").min_models, get_method("nuslerp").max_models) == (2, 2)
@@ -207,6 +207,10 @@ METHOD_SMOKE_CASES = {
     "sce": (True, 2, {"select_topk": 0.5}, [{}, {}]),
     "passthrough": (False, 1, {}, [{"scale": 0.5}]),
     "fourier": (True, 2, {}, weights(1, 1)),
+    "nearswap": (True, 1, {"t": 0.05}, [{}]),
+    "ram": (True, 2, {}, [{}, {}]),
+    "ramplus_tl": (True, 2, {}, [{}, {}]),
+    "arcee_fusion": (True, 1, {}, [{}]),
 }
 
 

@@ -216,6 +216,9 @@ def test_reference_multi_objective_lfs_files_import(name, methods):
         lam = flat["layer_0_paramset_mlp_method_task_arithmetic_param_scaling_coefficient"]
         for source in recipe["slices"][0]["sources"]:
             assert source["parameters"]["weight"][1] == {"filter": "mlp", "value": pytest.approx(lam)}
+    # the one way the replayed merge departs from the reference's: TIES's trim count (said, not hidden)
+    (note,) = strategy.reference_departures(values)
+    assert note.startswith("TIES in group(s) 2:") and "n - floor(r * n) + 1" in note
 
 
 def test_reference_import_rejects_a_file_for_other_models():

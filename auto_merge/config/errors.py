@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from auto_merge.errors import AutoMergeError
+
 # A key path into the merged (includes inlined) config document: mapping keys and list indices.
 KeyPath = tuple[str | int, ...]
 
@@ -63,7 +65,7 @@ class ConfigProblem:
         return text
 
 
-class ConfigError(ValueError):
+class ConfigError(AutoMergeError, ValueError):
     """An experiment config cannot be used. The message lists every problem found, one per line, each naming
     the file (the `!include`d file when the key lives there), the line, the key path, what is wrong and what is
     allowed."""
@@ -73,6 +75,7 @@ class ConfigError(ValueError):
         if not self.problems:
             raise ValueError("ConfigError needs at least one problem")
         self.config_file = config_file
+        self.key_path = tuple(self.problems[0].key_path or ()) if len(self.problems) == 1 else ()
         if len(self.problems) == 1:
             message = str(self.problems[0])
         else:

@@ -34,6 +34,10 @@ _MERGE_TAG = _STANDARD_TAG_PREFIX + "merge"
 INCLUDE_SUFFIXES = (".yaml", ".yml")
 MAX_FILE_BYTES = 1024 * 1024
 MAX_NODES = 200_000
+MAX_DEPTH = 64  # PyYAML composes nodes recursively: a deeper document would exhaust Python's stack
+_OPENING_TOKENS = (yaml.BlockSequenceStartToken, yaml.BlockMappingStartToken, yaml.FlowSequenceStartToken,
+                   yaml.FlowMappingStartToken)
+_CLOSING_TOKENS = (yaml.BlockEndToken, yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken)
 
 
 @dataclass
@@ -53,6 +57,21 @@ def load_yaml_with_includes(path: str | Path) -> LoadedYaml:
     builder = _DocumentBuilder(sources, confine_to=root.parent)
     data = builder.load_file(root, key_path=(), include_chain=(), included_from=None)
     return LoadedYaml(path=root, data=data, sources=sources)
+
+
+def _check_nesting(text: str, file: Path) -> None:
+    """Refuse a document nested deeper than MAX_DEPTH before composing it (the scanner is iterative, the composer
+    is not)."""
+    depth = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPENING_TOKENS):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise ConfigError.single(file, f"lists/mappings nested more than {MAX_DEPTH} deep",
+                                         line=token.start_mark.line + 1,
+                                         allowed=f"at most {MAX_DEPTH} levels of nesting")
+        elif isinstance(token, _CLOSING_TOKENS):
+            depth -= 1
 
 
 class _DocumentBuilder:
@@ -94,6 +113,7 @@ class _DocumentBuilder:
         loader = None
         try:
             try:
+                _check_nesting(text, file)
                 loader = yaml.SafeLoader(text)  # checks the characters: a control byte is an error here
                 root_node = loader.get_single_node()
             except yaml.MarkedYAMLError as error:
@@ -102,6 +122,12 @@ class _DocumentBuilder:
                 problem = " ".join(part for part in (error.context, error.problem) if part)
                 raise ConfigError.single(file, f"YAML syntax error: {problem}", line=line,
                                          allowed="well-formed YAML") from error
+            except yaml.reader.ReaderError as error:  # a character YAML does not allow (a control byte)
+                line = text.count("\n", 0, error.position) + 1
+                character = (f"U+{error.character:04X}" if isinstance(error.character, int)
+                             else repr(error.character))
+                raise ConfigError.single(file, f"character {character} is not allowed in YAML", line=line,
+                                         allowed="printable text (tabs and newlines are fine)") from error
             except yaml.YAMLError as error:
                 raise ConfigError.single(file, f"YAML error: {error}", allowed="well-formed YAML") from error
             if root_node is None:  # an empty file is an empty document

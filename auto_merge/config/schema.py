@@ -28,7 +28,7 @@ SEARCH_STRATEGIES: tuple[str, ...] = ("lfs", "lfs_multiobj", "dis", "prune")
 MERGE_METHODS: tuple[str, ...] = (
     "linear", "slerp", "nuslerp", "multislerp", "task_arithmetic", "ties", "dare_linear", "dare_ties",
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "karcher", "sce", "passthrough",
-    "fourier",
+    "fourier", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
 )
 # LFS merges every expert in each layer group; passthrough takes exactly one source, so it cannot be a choice there.
 LFS_METHODS: tuple[str, ...] = tuple(method for method in MERGE_METHODS if method != "passthrough")
@@ -40,6 +40,7 @@ METHOD_SOURCE_COUNTS: dict[str, tuple[int, int | None]] = {
     "task_arithmetic": (1, None), "ties": (1, None), "dare_linear": (1, None), "dare_ties": (1, None),
     "breadcrumbs": (1, None), "breadcrumbs_ties": (1, None), "della": (1, None), "della_linear": (1, None),
     "model_stock": (2, None), "karcher": (2, None), "sce": (1, None), "passthrough": (1, 1), "fourier": (1, None),
+    "nearswap": (1, 1), "ram": (1, None), "ramplus_tl": (1, None), "arcee_fusion": (1, 1),
 }
 
 
@@ -105,7 +106,10 @@ METHOD_PARAMETERS: dict[str, MethodParam] = {
     "t": MethodParam("number", _UNIT),
     "density": MethodParam("number", NumberBounds(0.0, 1.0, low_open=True), per_model=True),
     "gamma": MethodParam("number", NumberBounds(0.0, 1.0, high_open=True), per_model=True),
+    # della's per-model window half-width; ram/ramplus_tl read it as one shared threshold (given once per method)
     "epsilon": MethodParam("number", NumberBounds(0.0, 0.5, high_open=True), per_model=True),
+    "r": MethodParam("number", NumberBounds(0.0, 10.0)),  # ramplus_tl: boost of unique entries
+    "alpha": MethodParam("number", NumberBounds(0.0, 10.0)),  # ramplus_tl: cap on the shared/unique ratio
     "select_topk": MethodParam("number", NumberBounds(0.0, 1.0, low_open=True)),
     "fr_ratio": MethodParam("number", NumberBounds(0.0, 2.0, low_open=True)),
     "scale": MethodParam("number", NumberBounds(0.0, 10.0), per_model=True),
@@ -141,6 +145,10 @@ METHOD_PARAMETER_NAMES: dict[str, tuple[str, ...]] = {
     "sce": ("select_topk", "int8_mask"),
     "passthrough": ("scale",),
     "fourier": ("weight", "lambda", "fr_ratio", "normalize"),
+    "nearswap": ("t",),
+    "ram": ("epsilon",),
+    "ramplus_tl": ("r", "alpha", "epsilon"),
+    "arcee_fusion": (),
 }
 
 
@@ -432,11 +440,11 @@ ParamValues = dict[str, list[ParamEntry]]
 
 
 def _expand_scalar_shorthand(params: Any) -> Any:
-    """`{param: 0.5}` is shorthand for `{param: [{value: 0.5}]}` (mergekit style)."""
+    """`{param: 0.5}` is shorthand for `{param: [{value: 0.5}]}` (mergekit style). Any non-list is taken as such a
+    value, so a wrong one (a string, a mapping) is reported as a bad value rather than as "not a list"."""
     if not isinstance(params, dict):
         return params
-    return {name: [{"value": value}] if isinstance(value, (bool, int, float)) else value
-            for name, value in params.items()}
+    return {name: value if isinstance(value, list) else [{"value": value}] for name, value in params.items()}
 
 
 def _check_param_values(method: str, params: ParamValues, prefix: KeyPath, *, per_model_only: bool) -> list[Issue]:

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auto_merge.errors import AutoMergeError
+
 DATA_PATH_KEYS = ("data_files", "data_file", "data_dir")
 BUILTIN_INDEX_FORMAT = 1
 _IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}
@@ -37,7 +39,7 @@ _IGNORED_DIRS = {"__pycache__", ".ipynb_checkpoints"}
 log = logging.getLogger(__name__)
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(AutoMergeError, ValueError):
     """A problem with the evaluation tasks, reported before any model is run."""
 
 

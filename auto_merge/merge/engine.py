@@ -20,7 +20,7 @@ into place at the end (:func:`auto_merge.output_dirs.atomic_folder`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,8 +223,10 @@ def merge_to_disk(
     progress: bool = False,
     recipe_source: str | None = None,
     reader_factory: Callable[..., CheckpointReader] = CheckpointReader,
+    notes: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> MergeResult:
-    """Execute ``plan`` into ``out_dir`` (atomically). ``reader_factory(folder, allow_pickle=...)`` opens sources."""
+    """Execute ``plan`` into ``out_dir`` (atomically). ``reader_factory(folder, allow_pickle=...)`` opens sources;
+    ``notes`` are (heading, lines) sections of the model card."""
     import torch
     from tqdm.auto import tqdm
 
@@ -268,7 +270,7 @@ def merge_to_disk(
                 writer.finish()
             finally:
                 writer.close()
-            write_side_files(plan, staging, seed=seed, recipe_source=recipe_source)
+            write_side_files(plan, staging, seed=seed, recipe_source=recipe_source, notes=notes)
             bytes_written = writer.total_bytes
     finally:
         reads = sum(reader.reads for reader in readers.values())
@@ -308,7 +310,8 @@ def check_finite_tensor(task: TensorTask, merged) -> None:
         f"Check those models' weights for NaN/inf, or choose an output dtype wide enough for the merge")
 
 
-def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source: str | None) -> None:
+def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source: str | None,
+                     notes: Sequence[tuple[str, Sequence[str]]] = ()) -> None:
     """config.json, tokenizer, generation config, the recipe, its mergekit export and the model card."""
     output_config = dict(plan.output_config)
     if output_config.get("auto_map"):  # custom-code models: the output needs the code files auto_map names
@@ -331,7 +334,8 @@ def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source:
     except MergekitExportError as error:
         mergekit_yaml, mergekit_note = None, error.detail
     (folder / "README.md").write_text(
-        model_card(plan, recipe_yaml, mergekit_yaml, mergekit_note, seed=seed, recipe_source=recipe_source),
+        model_card(plan, recipe_yaml, mergekit_yaml, mergekit_note, seed=seed, recipe_source=recipe_source,
+                   notes=notes),
         encoding="utf-8")
 
 
@@ -341,7 +345,7 @@ def _mergekit_names(plan: MergePlan) -> dict[str, str]:
 
 
 def model_card(plan: MergePlan, recipe_yaml: str, mergekit_yaml: str | None, mergekit_note: str | None, *,
-               seed: int, recipe_source: str | None) -> str:
+               seed: int, recipe_source: str | None, notes: Sequence[tuple[str, Sequence[str]]] = ()) -> str:
     models = list(plan.models)
     front = "---\nlibrary_name: transformers\ntags:\n- merge\n- auto-merge\n"
     front += "base_model:\n" + "".join(f"- {ref}\n" for ref in models) + "---\n\n"
@@ -381,6 +385,8 @@ def model_card(plan: MergePlan, recipe_yaml: str, mergekit_yaml: str | None, mer
                   "rounding; random methods draw different masks):", "", "```yaml", mergekit_yaml.rstrip(), "```"]
     else:
         lines += [f"This recipe cannot be expressed in mergekit: {mergekit_note}."]
+    for heading, items in notes:
+        lines += ["", f"## {heading}", ""] + ([f"- {item}" for item in items] or ["None."])
     return front + "\n".join(lines) + "\n"
 
 
@@ -390,16 +396,19 @@ def prepare_plan(
     catalog: ModelCatalog | None = None,
     allow_pickle: bool = False,
     zoo_seed: int = 0,
+    pickle_opt_in: str | None = None,
+    source: str | None = None,
 ) -> MergePlan:
-    """Load (if a path), validate and compile a recipe; relative model folders resolve against the recipe's folder."""
-    source = None
+    """Load (if a path), validate and compile a recipe; relative model folders resolve against the recipe's folder.
+    ``source`` names where a Recipe object came from, for error messages (a path names itself)."""
     search_dirs: list[Path] = []
     if not isinstance(recipe, Recipe):
         source = str(recipe)
         search_dirs.append(Path(recipe).resolve().parent)
         recipe = load_recipe(recipe)
     if catalog is None:
-        catalog = ModelCatalog(search_dirs=search_dirs, allow_pickle=allow_pickle, zoo_seed=zoo_seed)
+        catalog = ModelCatalog(search_dirs=search_dirs, allow_pickle=allow_pickle, zoo_seed=zoo_seed,
+                               pickle_opt_in=pickle_opt_in)
     return compile_plan(recipe, catalog, source=source)
 
 
@@ -414,12 +423,16 @@ def run_recipe(
     progress: bool = False,
     allow_pickle: bool = False,
     catalog: ModelCatalog | None = None,
+    source: str | None = None,
+    notes: Sequence[tuple[str, Sequence[str]]] = (),
 ) -> MergeResult:
-    """Recipe file (or Recipe) → merged checkpoint in ``out_dir``: what `auto-merge merge` runs."""
-    plan = prepare_plan(recipe, catalog=catalog, allow_pickle=allow_pickle)  # headers only
+    """Recipe file (or Recipe) → merged checkpoint in ``out_dir``: what `auto-merge merge` runs. ``source`` names
+    the file a Recipe object came from (errors and the model card); ``notes`` are (heading, lines) sections added to
+    the model card."""
+    plan = prepare_plan(recipe, catalog=catalog, allow_pickle=allow_pickle, source=source)  # headers only
     # Before any weight is read: never a source's folder (merge_to_disk checks again, just before writing).
     check_replaceable(out_dir, overwrite=overwrite, protected=[model.path for model in plan.models.values()])
-    source = None if isinstance(recipe, Recipe) else str(recipe)
+    source = source if isinstance(recipe, Recipe) else str(recipe)
     return merge_to_disk(plan, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
-                         overwrite=overwrite, progress=progress, recipe_source=source)
+                         overwrite=overwrite, progress=progress, recipe_source=source, notes=notes)
 

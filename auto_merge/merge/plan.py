@@ -46,7 +46,14 @@ from auto_merge.merge.recipe import (
     evaluate_setting,
 )
 from auto_merge.merge.tokenizer import RowMap, VocabularyError, VocabularyPlan, plan_vocabulary
-from auto_merge.models.inspect import architecture_differences, model_depth, read_model_config, text_config
+from auto_merge.models.inspect import (
+    PickleRefusedError,
+    architecture_differences,
+    model_depth,
+    read_model_config,
+    text_config,
+)
+from auto_merge.models.resolve import ModelResolutionError
 
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 # Tensors outside the layers that sit before them (embeddings); all others (norms, heads) come after.
@@ -164,12 +171,13 @@ class ModelCatalog:
 
     def __init__(self, *, aliases: Mapping[str, str] | None = None, zoo_seed: int = 0,
                  cache_dir: str | os.PathLike | None = None, search_dirs: Sequence[str | os.PathLike] = (),
-                 allow_pickle: bool = False, build_zoo: bool = True):
+                 allow_pickle: bool = False, build_zoo: bool = True, pickle_opt_in: str | None = None):
         self.aliases = dict(aliases or {})
         self.zoo_seed = zoo_seed
         self.cache_dir = cache_dir
         self.search_dirs = list(search_dirs)
         self.allow_pickle = allow_pickle
+        self.pickle_opt_in = pickle_opt_in  # how the caller's user allows pickles, when not the config key
         self.build_zoo = build_zoo
         self._models: dict[str, SourceModel] = {}
 
@@ -369,11 +377,14 @@ class _ModelAccess:
             return self.catalog.get(ref)
         except RecipeError:
             raise
+        except PickleRefusedError as error:
+            if self.catalog.pickle_opt_in:
+                error = error.with_opt_in(self.catalog.pickle_opt_in)
+            self.fail(f"model {ref!r}: {error}", key=key)
+        except ModelResolutionError as error:  # its message names the model already
+            self.fail(str(error), key=key)
         except (ValueError, OSError) as error:  # resolution and inspection errors are ValueErrors
-            hint = ""
-            if "pickle" in str(error) and not self.catalog.allow_pickle:
-                hint = " (for `auto-merge merge`: --allow-pickle)"
-            self.fail(f"model {ref!r}: {error}{hint}", key=key)
+            self.fail(f"model {ref!r}: {error}", key=key)
 
 
 def _first_model(recipe: Recipe) -> str:
@@ -524,23 +535,22 @@ def _task(name: str, slice_: _Slice, inputs: tuple[TensorInput, ...], base: Tens
                                                      tuple(_typed(items) for items in per_model_given))
     except ValueError as error:
         models = ", ".join(f"model {i} = {s.key} ({s.model})" for i, s in enumerate(slice_.inputs))
-        fail(f"for tensor {name} ({models}): {error}", key=_error_key(str(error), origins, slice_))
+        fail(f"for tensor {name} ({models}): {error}", key=_error_key(error, origins, slice_))
     return TensorTask(name=name, method=slice_.method, inputs=inputs, base=base, global_params=global_params,
                       per_model_params=per_model_params, shape=(), layer=layer, slice_index=slice_.index,
                       output_scale=float(output_scale))
 
 
-def _error_key(message: str, origins: dict[tuple[int | None, str], str], slice_: _Slice) -> str:
+def _error_key(error: ValueError, origins: dict[tuple[int | None, str], str], slice_: _Slice) -> str:
     """The key path of the value a registry error is about (or where a missing parameter belongs)."""
-    model = re.search(r"\(model (\d+)\)", message)
-    param = re.search(r"parameter '(\w+)'", message)
-    index = int(model.group(1)) if model else None
+    param = getattr(error, "param", None)
+    index = getattr(error, "model_index", None)
     if param:
-        origin = origins.get((index, param.group(1)))
+        origin = origins.get((index, param))
         if origin is not None:
-            return f"{origin}.{param.group(1)}"
+            return f"{origin}.{param}"
         if index is not None and index < len(slice_.inputs):
-            return f"{slice_.inputs[index].key}.parameters.{param.group(1)}"
+            return f"{slice_.inputs[index].key}.parameters.{param}"
     return slice_.key if slice_.key != "models" else "parameters"
 
 

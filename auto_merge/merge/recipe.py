@@ -36,6 +36,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from auto_merge.errors import AutoMergeError
 from auto_merge.merge.methods import get_method, list_methods
 
 DTYPE_ALIASES = {
@@ -66,19 +67,33 @@ REFERENCE_METHOD_PARAMS = {
 }
 
 
-class RecipeError(ValueError):
-    """An invalid recipe: names the file, the key path (``slices[1].sources[0].layer_range``) and what is allowed."""
+class RecipeError(AutoMergeError, ValueError):
+    """An invalid recipe: names the file, the key path (``slices[1].sources[0].layer_range``) and what is allowed.
+    ``key_path`` holds the same path as a tuple (``("slices", 1, "sources", 0, "layer_range")``)."""
 
     def __init__(self, message: str, *, source: str | None = None, key: str | None = None,
                  allowed: str | None = None):
         self.source = source
         self.key = key
+        self.key_path = split_key(key)
         self.allowed = allowed
         self.detail = message
         text = message if not key else f"{key}: {message}"
         if allowed:
             text += f"; allowed: {allowed}"
         super().__init__(f"{source}: {text}" if source else text)
+
+
+def split_key(key: str | None) -> tuple:
+    """``slices[1].sources[0].layer_range`` → ``("slices", 1, "sources", 0, "layer_range")``."""
+    path: list = []
+    for part in (key or "").split("."):
+        name, _, rest = part.partition("[")
+        if name:
+            path.append(name)
+        for index in rest.rstrip("]").split("][") if rest else ():
+            path.append(int(index) if index.isdigit() else index)
+    return tuple(path)
 
 
 # ----------------------------------------------------------------------------------------------- parameter values
@@ -690,6 +705,7 @@ def _split_per_source(entries: list, sources: list, target: str, key: str, fail)
 MERGEKIT_METHODS = frozenset({
     "linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "task_arithmetic", "ties", "dare_ties",
     "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "passthrough",
+    "nearswap", "ram", "ramplus_tl", "arcee_fusion",
 })
 
 

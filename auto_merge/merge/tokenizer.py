@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from auto_merge.errors import AutoMergeError
 from auto_merge.merge.io import TOKENIZER_FILES, copy_files
 
 UNION = "union"
 BASE = "base"
 
 
-class VocabularyError(ValueError):
+class VocabularyError(AutoMergeError, ValueError):
     """Vocabularies that cannot be aligned (e.g. a model without a tokenizer whose row count differs)."""
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from auto_merge.errors import AutoMergeError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -22,8 +24,21 @@ PICKLE_SINGLE = "pytorch_model.bin"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class ModelInspectionError(ValueError):
+class ModelInspectionError(AutoMergeError, ValueError):
     """A model folder whose config or tensor names cannot be read."""
+
+
+class PickleRefusedError(ModelInspectionError):
+    """A folder with only pickle weights, read without the user's opt-in. `opt_in` says how to give it; each entry
+    point names its own (a config key, a command-line flag) with :meth:`with_opt_in`."""
+
+    def __init__(self, folder: Path, file_name: str, opt_in: str = "set global_params.allow_pickle: true"):
+        self.folder, self.file_name, self.opt_in = folder, file_name, opt_in
+        super().__init__(f"{folder} holds only a pickle checkpoint ({file_name}), refused because unpickling can run "
+                         f"code; convert it to safetensors or {opt_in}")
+
+    def with_opt_in(self, opt_in: str) -> "PickleRefusedError":
+        return PickleRefusedError(self.folder, self.file_name, opt_in)
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
@@ -53,9 +68,7 @@ def list_tensor_names(path: str | Path, *, allow_pickle: bool = False) -> list[s
     pickle_files = [folder / PICKLE_INDEX] if (folder / PICKLE_INDEX).is_file() else sorted(folder.glob("*.bin"))
     if pickle_files:
         if not allow_pickle:
-            raise ModelInspectionError(
-                f"{folder} holds only a pickle checkpoint ({pickle_files[0].name}), refused because unpickling can "
-                f"run code; convert it to safetensors or set global_params.allow_pickle: true")
+            raise PickleRefusedError(folder, pickle_files[0].name)
         if pickle_files[0].name == PICKLE_INDEX:
             return _names_from_index(pickle_files[0])
         return sorted({name for file in pickle_files for name in _names_from_pickle(file)})

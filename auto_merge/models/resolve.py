@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from auto_merge.errors import AutoMergeError
+
 ZOO_PREFIX = "zoo:"
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(AutoMergeError, ValueError):
     """A model reference that cannot be turned into a local folder."""
 
 
@@ -48,6 +50,9 @@ def resolve_model_ref(
     local = _find_local_folder(current, search_dirs)
     if local is not None:
         return local
+    if Path(current).expanduser().is_file():
+        raise ModelResolutionError(f"model {current!r}{via} is a file; give the model's folder (with config.json "
+                                   f"and the weights)")
     cached = _find_in_hub_cache(current, cache_dir)
     if cached is not None:
         return cached

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from auto_merge.errors import AutoMergeError
+from auto_merge.search.run_folder import claim_run
 from auto_merge.search.smac_state import atomic_state_writes
 from auto_merge.search.trial import TrialSpec, TrialTarget
 
@@ -72,55 +70,6 @@ def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: 
     trials = sum(n for n, _ in stages)
     cost = sum(n * b for n, b in stages)
     return max(1, int(total_budget / cost * trials))
-
-
-def run_fingerprint(config, strategy, sources: dict[str, str]) -> str:
-    """What must match for a rerun to resume rather than start over: the space, the objective, the schedule and the
-    source models' files (`sources`, from source_identities)."""
-    block = config.selected
-    search = block.model_dump(exclude={"n_workers", "dask_scheduler", "run_name"})
-    evaluation = config.global_params.evaluation.model_dump(exclude={"batch_size", "device"})
-    payload = {
-        "strategy": strategy.describe(),
-        "search": search,
-        "evaluation": evaluation,
-        "seed": config.global_params.random_seed,
-        "zoo_seed": config.global_params.zoo_seed,
-        # Scores are only valid for the files they were measured on: a source replaced in place is another run.
-        "sources": sources,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def source_identities(config) -> dict[str, str]:
-    from auto_merge.models.inspect import model_identity
-
-    return {ref: model_identity(path) for ref, path in sorted(config.model_paths.items())}
-
-
-def run_manifest(config, strategy, sources: dict[str, str]) -> dict:
-    """What run.json records besides the fingerprint."""
-    return {
-        "sources": sources,
-        "config_file": str(config.source_file),
-        "strategy": strategy.describe(),
-        "models": {ref: str(path) for ref, path in config.model_paths.items()},
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-def claim_run(config, strategy, *, overwrite: bool, run_name: str | None):
-    """Context manager holding the run folder `<output_path>/<run_name or strategy>` (see output_dirs)."""
-    from auto_merge.output_dirs import claim_run_folder
-
-    block = config.selected
-    name = run_name or getattr(block, "run_name", None) or config.strategy
-    key = "--run-name" if run_name else (f"strategies.{config.strategy}.run_name"
-                                         if getattr(block, "run_name", None) else "strategy")
-    sources = source_identities(config)
-    return claim_run_folder(config.global_params.output_path or "runs", name, name_key=key,
-                            fingerprint=run_fingerprint(config, strategy, sources),
-                            manifest=run_manifest(config, strategy, sources), overwrite=overwrite)
 
 
 def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, dask_client, callbacks):
@@ -269,8 +218,9 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         progress.write(f"resuming {run_dir} ({recorder.completed} trials already recorded)")
     else:
         progress.write(f"run folder: {run_dir}")
-    client, cluster = _dask_client(block, progress)
+    client = cluster = None
     try:
+        client, cluster = _dask_client(block, progress)
         # A kill mid-save must not leave a state the rerun cannot read.
         with atomic_state_writes(), _without_smacs_empty_mean_warnings():
             smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
@@ -279,6 +229,9 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         progress.close()
         print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "
               "resume", file=sys.stderr)
+        raise
+    except BaseException:
+        progress.close()  # the error message then starts on a line of its own
         raise
     finally:
         from auto_merge.search.timed import close_all

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -53,7 +52,7 @@ class OneShotResult:
 def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None, show_progress: bool = True,
                 write_model: bool = True) -> OneShotResult:
     """Merge, save and score the one-shot merge of a validated config (models resolved; see the module docstring)."""
-    from auto_merge.search.driver import claim_run
+    from auto_merge.search.run_folder import claim_run
     from auto_merge.strategies.oneshot import OneShotError, OneShotMerge
 
     started = time.perf_counter()
@@ -78,7 +77,9 @@ def _oneshot_in(run_dir: Path, resumed: bool, config, merge, plan, started: floa
     recipe_path = run_dir / RECIPE_FILE
     scores_path = run_dir / SCORES_FILE
     has_model = (model_dir / "config.json").is_file()
-    if resumed and (has_model or not write_model) and (scores_path.is_file() or not tasks):
+    # Scores with a failed entry are not reused: the rerun tries what failed again (the cache keeps the rest).
+    complete_scores = scores_path.is_file() and not json.loads(scores_path.read_text()).get("failed")
+    if resumed and (has_model or not write_model) and (complete_scores or not tasks):
         final = json.loads(scores_path.read_text()) if tasks else None
         say(f"{run_dir} already holds this run (same config): nothing to redo (--overwrite makes it again)")
         print(render_summary(merge, plan.num_layers, final, run_dir, model_dir if has_model else None))
@@ -127,26 +128,24 @@ def compile_merge(config, merge):
         return compile_plan(recipe, catalog)
     except RecipeError as error:
         allowed = error.allowed.replace("base_layer_range", "target.layer_range") if error.allowed else None
-        if (error.key or "").endswith("base_layer_range"):
+        if error.key_path[-1:] == ("base_layer_range",):
             allowed = ("a target {model, layer_range} on this slice naming the base layers its task vectors are "
                        "taken against, or sources that all start at the same layer")
-        raise config_error(config, config_key(config.strategy, error.key),
+        raise config_error(config, config_key(config.strategy, error.key_path),
                             f"the merge cannot be made: {error.detail}", allowed) from None
 
 
-def config_key(strategy: str, recipe_key: str | None) -> tuple:
-    """A recipe key (`slices[1].base_layer_range`) → the config key it comes from
-    (`strategies.normal_slices.slices[1].target`); cut at the first name the two spell differently."""
+def config_key(strategy: str, recipe_key_path: tuple) -> tuple:
+    """A recipe key path (`slices, 1, base_layer_range`) → the config key it comes from
+    (`strategies, normal_slices, slices, 1, target`); cut at the first name the two spell differently."""
     path: list = ["strategies", strategy]
-    for name, index in re.findall(r"([A-Za-z_]+)|\[(\d+)\]", recipe_key or ""):
-        if index:
-            path.append(int(index))
-        elif name in ("models", "slices", "sources", "model", "layer_range", "base_model"):
-            path.append(name)
-        elif name == "base_layer_range":
+    for part in recipe_key_path:
+        if isinstance(part, int) or part in ("models", "slices", "sources", "model", "layer_range", "base_model"):
+            path.append(part)
+        elif part == "base_layer_range":
             path.append("target")
             break
-        elif name == "parameters" and path[-2] in ("sources", "models"):
+        elif part == "parameters" and path[-2] in ("sources", "models"):
             path.append("parameters")
             break
         else:  # merge_method, slice or recipe-wide parameters: written under merging_method in the config
@@ -169,8 +168,10 @@ def _merge(plan, out_dir: Path, config, *, progress: bool) -> None:
 
 def score_run(config, merge, plan, model_dir: Path, run_dir: Path, say) -> dict:
     """Scores of the saved merge, the base and every other input model, each loaded from its folder."""
+    from auto_merge.search.final_scoring import FinalScoring
     from auto_merge.search.trial import recipe_fingerprint
 
+    scoring = FinalScoring()  # one model that cannot be scored does not cost the others' scores
     limit = config.global_params.evaluation.limit
     cache = run_dir / CACHE_FILE
     seed = config.global_params.random_seed
@@ -182,19 +183,24 @@ def score_run(config, merge, plan, model_dir: Path, run_dir: Path, say) -> dict:
         "merge": None,
         "base": None,
         "experts": {},
+        "failed": scoring.failed,
     }
     refs = [merge.base_model, *merge.models]
     total = 1 + len(refs)
     say(f"[1/{total}] scoring the merge")
-    final["merge"] = score_folder(config, model_dir, recipe_fingerprint(plan.recipe.to_dict(), seed), cache, say)
+    final["merge"] = scoring.score("the merge", lambda: score_folder(
+        config, model_dir, recipe_fingerprint(plan.recipe.to_dict(), seed), cache, say))
     for step, ref in enumerate(refs, start=2):
         say(f"[{step}/{total}] scoring {'the base ' if ref == merge.base_model else ''}{ref}")
         folder = Path(config.model_paths[ref])
-        entry = score_folder(config, folder, folder_fingerprint(ref, folder), cache, say)
+        entry = scoring.score(f"input model {ref}",
+                              lambda: score_folder(config, folder, folder_fingerprint(ref, folder), cache, say))
         if ref == merge.base_model:
             final["base"] = entry
-        else:
+        elif entry is not None:
             final["experts"][ref] = entry
+    for failure in scoring.failed:
+        say(f"could not score {failure['what']}: {failure['error']}")
     return final
 
 
@@ -247,10 +253,13 @@ def render_summary(merge, num_layers: int, final: dict | None, run_dir: Path, mo
         lines.append("scores (every example):" if budget is None else f"scores (evaluation.limit {budget:g}):")
         rows = [("base", final["base"])] + [(f"input {ref}", entry) for ref, entry in final["experts"].items()]
         rows.append(("merge", final["merge"]))
-        lines += score_table(rows)
-        inputs = [final["base"]["mean_score"]] + [entry["mean_score"] for entry in final["experts"].values()]
-        lines.append(f"\nmerge vs best input model: {100 * (final['merge']['mean_score'] - max(inputs)):+.1f} "
-                     "points of mean score")
+        lines += score_table([(name, entry) for name, entry in rows if entry is not None])
+        inputs = [entry["mean_score"] for name, entry in rows[:-1] if entry is not None]
+        if final["merge"] is not None and inputs:
+            lines.append(f"\nmerge vs best input model: {100 * (final['merge']['mean_score'] - max(inputs)):+.1f} "
+                         "points of mean score")
+        for failure in final.get("failed", []):
+            lines.append(f"NOT scored: {failure['what']}: {failure['error']}")
     lines.append(f"run folder: {run_dir}")
     if model_dir is not None:
         lines.append(f"merged model: {model_dir}")

@@ -205,23 +205,18 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     """Export the winner(s), score them and the experts at the full budget, write the model and the plots."""
     from auto_merge.output_dirs import write_json_atomic
     from auto_merge.search.driver import SearchError, SearchResult
+    from auto_merge.search.final_scoring import FinalScoring
     from auto_merge.search.trial import runner_for
 
     records = [r for r in read_trials(run_dir / "trials.jsonl") if r["status"] == "success"]
     if not records:
         raise SearchError(f"no trial succeeded; see the errors in {run_dir / 'trials.jsonl'}")
     runner = runner_for(spec)
-    # One failure here (a NaN expert, a task that raises on some documents, a full disk) must not cost the search:
-    # each scoring is tried on its own, what failed is recorded with its reason, and the run still ends with its
-    # found configurations, scores and model.
-    final = {"winners": [], "shortlist": [], "experts": {}, "base": None, "failed": []}
+    scoring = FinalScoring()  # the run still ends with its found configurations, scores and model
+    final = {"winners": [], "shortlist": [], "experts": {}, "base": None, "failed": scoring.failed}
 
     def scored(what: str, recipe: dict) -> dict | None:
-        try:
-            return _final_scores(runner.score_recipe(recipe, None))
-        except Exception as error:  # recorded in final_scores.json and printed; the run goes on
-            final["failed"].append({"what": what, "error": f"{type(error).__name__}: {error}"})
-            return None
+        return scoring.score(what, lambda: _final_scores(runner.score_recipe(recipe, None)))
 
     if objectives:
         front = [{k: _plain(v) for k, v in dict(c).items()} for c in smac.intensifier.get_incumbents()]
@@ -283,7 +278,7 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
         try:
             best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec)
         except Exception as error:  # e.g. a full disk: the found configuration is saved; replay makes the model
-            final["failed"].append({"what": "best_model", "error": f"{type(error).__name__}: {error}"})
+            scoring.record("best_model", error)
             write_json_atomic(run_dir / "final_scores.json", final)
     from auto_merge.search.plots import draw_plots
 
@@ -291,7 +286,7 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
         plots = draw_plots(run_dir, records, chosen["recipe"], strategy, final, objectives)
     except Exception as error:  # plots are a convenience; never the reason a finished search fails
         plots = []
-        final["failed"].append({"what": "plots", "error": f"{type(error).__name__}: {error}"})
+        scoring.record("plots", error)
         write_json_atomic(run_dir / "final_scores.json", final)
     print(render_final(final, strategy, run_dir, best_model, plots))
     return SearchResult(run_dir=run_dir, best_configs=exported, best_model=best_model, final_scores=final,

@@ -12,23 +12,36 @@ import json
 import sys
 from pathlib import Path
 
+from auto_merge.errors import AutoMergeError
 from auto_merge.search.outputs import SEARCH_CONFIG_FORMAT
 
 
-class ReplayError(ValueError):
+class ReplayError(AutoMergeError, ValueError):
     pass
+
+
+def is_reference_configuration(data) -> bool:
+    """The reference implementation's flat SMAC JSON rather than this project's format."""
+    return not (isinstance(data, dict) and data.get("format") == SEARCH_CONFIG_FORMAT)
 
 
 def load_found_configuration(path: Path, config_path: Path | None = None):
     """(strategy, configuration values, model paths, evaluation settings or None) from a found-configuration file."""
-    from auto_merge.strategies import build_strategy, strategy_from_description
+    from auto_merge.strategies import StrategyError, build_strategy, strategy_from_description
 
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ReplayError(f"{path}: cannot read a search configuration ({err})") from None
     if isinstance(data, dict) and data.get("format") == SEARCH_CONFIG_FORMAT:
-        strategy = strategy_from_description(data["strategy"])
+        for key, kind in (("strategy", dict), ("configuration", dict)):
+            if not isinstance(data.get(key), kind):
+                raise ReplayError(f"{path}: key {key!r} is missing or not a mapping; allowed: a file written by "
+                                  f"auto-merge search (search_config/*.json)")
+        try:
+            strategy = strategy_from_description(data["strategy"])
+        except StrategyError as err:
+            raise ReplayError(f"{path}: key 'strategy': {err}") from None
         return strategy, data["configuration"], data.get("model_paths") or {}, data.get("evaluation")
     if config_path is None:
         raise ReplayError(f"{path} is not in this project's format ({SEARCH_CONFIG_FORMAT}); a reference "
@@ -84,7 +97,12 @@ def evaluation_suite(path: Path, evaluation: dict | None, include_paths: list[Pa
 
 def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwrite: bool = False,
            evaluate: bool = False, seed: int | None = None, include_paths: list[Path] | None = None,
-           allow_code_execution: bool = False) -> dict:
+           allow_code_execution: bool = False, as_reference: bool = False) -> dict:
+    """Decode a found configuration into a model in ``out_dir`` (and score it with ``evaluate``).
+
+    A reference configuration (its flat JSON) decodes with this project's semantics; where that model departs from
+    the one the reference exported, the departures are printed, returned (``report["departures"]``) and written to
+    the model card. ``as_reference`` decodes as the reference did instead, as far as it can be reproduced."""
     from ConfigSpace import Configuration
 
     from auto_merge.merge.engine import run_recipe
@@ -95,12 +113,22 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
     check_replaceable(out_dir, overwrite=overwrite)  # before any model is read
     strategy, values, model_paths, evaluation = load_found_configuration(path, config_path)
     data = json.loads(Path(path).read_text())
+    reference = is_reference_configuration(data)
+    if as_reference and not reference:
+        raise ReplayError(f"{path}: --as-reference applies to the reference implementation's flat configurations; "
+                          f"this file was written by auto-merge and replays as found")
     seed = seed if seed is not None else int(data.get("seed", 0)) if isinstance(data.get("seed"), int) else 0
     try:  # the values must fit the space they claim to come from (ranges, conditions)
         Configuration(strategy.build_space(), values=values)
     except (ValueError, KeyError) as err:
         raise ReplayError(f"{path}: the configuration does not fit the {strategy.name} space: {err}") from None
-    recipe = strategy.decode(values)
+    recipe = strategy.decode(values, as_reference=as_reference)
+    departures = strategy.reference_departures(values, as_reference=as_reference) if reference else []
+    if reference:
+        departures.append("the reference computed every merge in fp16; this replay computes in fp32 and writes "
+                          f"{recipe.get('dtype', 'float32')}")
+    for note in departures:
+        print(f"note: departs from the reference's model: {note}", file=sys.stderr)
     if evaluate:
         settings, suite = evaluation_suite(path, evaluation, include_paths, allow_code_execution=allow_code_execution)
     catalog = ModelCatalog()
@@ -108,8 +136,10 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
         if Path(folder, "config.json").is_file():
             catalog.add(SourceModel.from_folder(ref, folder))
     result = run_recipe(parse_recipe(recipe, source=str(path)), out_dir, seed=seed, overwrite=overwrite,
-                        catalog=catalog, progress=True)
-    report = {"out_dir": str(result.out_dir), "recipe": recipe}
+                        catalog=catalog, progress=True, source=str(path),
+                        notes=[("Departures from the reference's model" + (" (decoded --as-reference)" if as_reference
+                                                                            else ""), departures)] if reference else ())
+    report = {"out_dir": str(result.out_dir), "recipe": recipe, "departures": departures}
     if evaluate:
         from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, load_checkpoint, resolve_device
 

@@ -21,7 +21,15 @@ def strategy_from_description(data: Mapping):
     if name not in STRATEGY_CLASSES:
         raise StrategyError(f"unknown strategy {name!r} in a strategy description; allowed: "
                             f"{', '.join(SEARCH_STRATEGIES)}")
-    return STRATEGY_CLASSES[name].from_description(data)
+    try:
+        return STRATEGY_CLASSES[name].from_description(data)
+    except StrategyError:
+        raise
+    except KeyError as missing:  # a hand-edited or truncated file: describe() always writes every key
+        raise StrategyError(f"the {name} strategy description lacks key {missing}; allowed: the description "
+                            f"auto-merge wrote (describe())") from None
+    except (TypeError, ValueError) as error:
+        raise StrategyError(f"the {name} strategy description has a value of the wrong kind ({error})") from None
 
 
 def objectives_of(config) -> tuple[str, ...]:

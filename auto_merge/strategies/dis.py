@@ -16,7 +16,8 @@ keeps the reference's hyperparameter names, so its published configurations are 
 Decoding position i walks its ordering; the k-th occurrence of expert m is block m + k*M, stacked when selected
 (first = nearest the input). Nothing selected: the base model's layers of the position with ``remain_base``, else
 the position vanishes. The scale multiplies the MLP output projection (``scale_filter``) of every layer of the
-position's last block; a base fallback stays unscaled. The f fixed layers at each end are the base model's. A
+position's last block; a base fallback stays unscaled. The f fixed layers at each end are the base model's (the
+reference scaled a fallback and took the fixed layers from ``models[0]``: ``decode(..., as_reference=True)``). A
 configuration deeper than ``layers`` (or of depth 0) is rejected before any merge or evaluation.
 """
 
@@ -174,31 +175,54 @@ class DISStrategy:
                 blocks.append(m)
         return blocks
 
-    def layer_plan(self, values: Mapping) -> list[tuple[str, int, float]]:
-        """The output layers as (model, source layer, scale), input side first (the hand-checkable decode)."""
+    def layer_plan(self, values: Mapping, *, as_reference: bool = False) -> list[tuple[str, int, float]]:
+        """The output layers as (model, source layer, scale), input side first (the hand-checkable decode).
+        ``as_reference``: as the reference decoded them (a base fallback also takes the position's scale; the fixed
+        layers come from ``models[0]``)."""
         g, f = self.layer_granularity, self.fix_layers
-        layers: list[tuple[str, int, float]] = [(self.base_model, layer, 1.0) for layer in range(f)]
+        fixed_model = self.models[0] if as_reference else self.base_model
+        layers: list[tuple[str, int, float]] = [(fixed_model, layer, 1.0) for layer in range(f)]
         for i in range(self.n_positions):
             start = f + i * g
             blocks = self.position_blocks(values, i)
             if not blocks:
                 if self.remain_base:
-                    layers += [(self.base_model, start + k, 1.0) for k in range(g)]
+                    fallback_scale = float(values[f"scale_{i}"]) if as_reference else 1.0
+                    layers += [(self.base_model, start + k, fallback_scale) for k in range(g)]
                 continue
             scale = float(values[f"scale_{i}"])
             for b, m in enumerate(blocks):
                 block_scale = scale if b == len(blocks) - 1 else 1.0
                 layers += [(self.models[m], start + k, block_scale) for k in range(g)]
-        layers += [(self.base_model, layer, 1.0) for layer in range(self.num_layers - f, self.num_layers)]
+        layers += [(fixed_model, layer, 1.0) for layer in range(self.num_layers - f, self.num_layers)]
         return layers
+
+    def reference_departures(self, values: Mapping, *, as_reference: bool = False) -> list[str]:
+        """Where :meth:`decode` of these values differs from the reference's decoding of them (none with
+        ``as_reference``)."""
+        if as_reference:
+            return []
+        values = dict(values)
+        notes = []
+        fallbacks = [i for i in range(self.n_positions)
+                     if self.remain_base and not self.position_blocks(values, i) and float(values[f"scale_{i}"]) != 1.0]
+        if fallbacks:
+            shown = ", ".join(map(str, fallbacks[:12])) + (" ..." if len(fallbacks) > 12 else "")
+            notes.append(f"{len(fallbacks)} position(s) ({shown}) fall back to the base's layers with scale_i not 1: "
+                         f"the reference scaled the fallback, this replay leaves it unscaled (--as-reference scales it)")
+        if self.fix_layers:
+            notes.append(f"the {self.fix_layers} fixed layer(s) at each end: the reference took them from models[0] "
+                         f"({self.models[0]}), this replay from the base (--as-reference takes models[0])")
+        return notes
 
     def depth(self, values: Mapping) -> int:
         return len(self.layer_plan(values))
 
-    def decode(self, configuration: Mapping) -> dict:
-        """The merge recipe (passthrough slices, output scales folded into the MLP output projections)."""
+    def decode(self, configuration: Mapping, *, as_reference: bool = False) -> dict:
+        """The merge recipe (passthrough slices, output scales folded into the MLP output projections);
+        ``as_reference`` decodes as the reference did (see :meth:`layer_plan`)."""
         values = dict(configuration)
-        layers = self.layer_plan(values)
+        layers = self.layer_plan(values, as_reference=as_reference)
         if not layers:
             raise RejectedConfiguration("the configuration selects no layer at all (depth 0)")
         if len(layers) > self.max_layers:

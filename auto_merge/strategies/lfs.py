@@ -33,6 +33,8 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from auto_merge.errors import AutoMergeError
+
 REST = "rest"  # the parameter family of every tensor no filter matches (the reference called it `base`)
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "slerp", "dare_ties", "della", "fourier")
 
@@ -82,7 +84,7 @@ UNIT_WEIGHT_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "bread
 DELLA_EPSILON = 0.15
 
 
-class StrategyError(ValueError):
+class StrategyError(AutoMergeError, ValueError):
     pass
 
 
@@ -205,8 +207,10 @@ class LFSStrategy:
 
     # ------------------------------------------------------------------------------------------------ decoding
 
-    def decode(self, configuration: Mapping) -> dict:
-        """The merge recipe (as recipe data for the engine) a configuration describes."""
+    def decode(self, configuration: Mapping, *, as_reference: bool = False) -> dict:
+        """The merge recipe (as recipe data for the engine) a configuration describes. ``as_reference`` changes
+        nothing: an imported reference configuration decodes to the reference's merge but for the TIES trim count
+        (see :meth:`reference_departures`)."""
         values = dict(configuration)
         slices = []
         k = self.layer_granularity
@@ -274,6 +278,16 @@ class LFSStrategy:
             "merging_method": {m: {k: dict(v) for k, v in r.items()} for m, r in self.method_ranges.items()},
             "dtype": self.dtype,
         }
+
+    def reference_departures(self, values: Mapping, *, as_reference: bool = False) -> list[str]:
+        """Where the decoded merge of imported reference values differs from the reference's own merge."""
+        ties_groups = [g for g in range(self.n_groups) if values.get(f"g{g}:method") == "ties"]
+        if not ties_groups:
+            return []
+        return [f"TIES in group(s) {', '.join(map(str, ties_groups))}: with mask rate r this replay keeps the "
+                f"floor((1 - r) * n) largest task-vector entries of each n-entry tensor (mergekit's rule), the "
+                f"reference kept n - floor(r * n) + 1 (1 or 2 more entries per tensor); --as-reference does not "
+                f"change this"]
 
     def import_reference(self, flat: Mapping) -> dict:
         """A reference LFS configuration (flat SMAC JSON) as values of this space (see reference_import)."""

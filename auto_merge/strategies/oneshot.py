@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from auto_merge.config.schema import METHOD_PARAMETER_NAMES, METHOD_PARAMETERS
+from auto_merge.errors import AutoMergeError
 
 ONESHOT_STRATEGIES: tuple[str, ...] = ("normal_models", "normal_slices")
 # The reference's parameter names → the engine registry's.
@@ -48,7 +49,7 @@ DEFAULT_WEIGHT = 1.0
 KeyPath = tuple[str | int, ...]
 
 
-class OneShotError(ValueError):
+class OneShotError(AutoMergeError, ValueError):
     """A block that validates but cannot be turned into one recipe; `key_path` is relative to the block."""
 
     def __init__(self, key_path: KeyPath, message: str, allowed: str | None = None):

@@ -149,10 +149,15 @@ class PruneStrategy:
                          float(values[f"layer_{layer}_output_scale"])))
         return plan
 
-    def decode(self, configuration: Mapping) -> dict:
+    def decode(self, configuration: Mapping, *, as_reference: bool = False) -> dict:
+        """The merge recipe. ``as_reference``: the model the reference implementation exported for the same values
+        (no output scales, which it searched but never applied; task vectors of a merged layer taken against the
+        base's layer at the output position, its bug), for replays of its published configurations."""
         values = dict(configuration)
         slices = []
-        for chosen, layer, lam, scale in self.layer_plan(values):
+        for position, (chosen, layer, lam, scale) in enumerate(self.layer_plan(values)):
+            if as_reference:
+                scale = 1.0
             if len(chosen) <= 1:
                 model = chosen[0] if chosen else self.base_model
                 slices.append(passthrough_slice(model, layer, 1, scale, self.scale_filter))
@@ -161,11 +166,31 @@ class PruneStrategy:
                 "merge_method": "task_arithmetic",
                 "sources": [{"model": m, "layer_range": [layer, layer + 1], "parameters": {"weight": 1.0}}
                             for m in chosen],
-                "base_layer_range": [layer, layer + 1],  # the base at the source index, not the output position
+                # the base at the source index, not the output position (the reference's bug, kept only as_reference)
+                "base_layer_range": [position, position + 1] if as_reference else [layer, layer + 1],
                 "parameters": {"lambda": lam, **scale_parameters(scale, self.scale_filter)},
             }
             slices.append(piece)
         return {"base_model": self.base_model, "dtype": self.dtype, "slices": slices}
+
+    def reference_departures(self, values: Mapping, *, as_reference: bool = False) -> list[str]:
+        """Where :meth:`decode` of these values differs from the model the reference exported (none with
+        ``as_reference``, which decodes as the reference did)."""
+        if as_reference:
+            return []
+        plan = self.layer_plan(dict(values))
+        notes = []
+        scaled = [layer for _, layer, _, scale in plan if scale != 1.0]
+        if scaled:
+            notes.append(f"layer_L_output_scale is not 1 on {len(scaled)} kept layer(s) ({_layer_list(scaled)}): the "
+                         f"reference searched these scales but never applied them, so its model has none; this "
+                         f"replay applies them (--as-reference leaves them out)")
+        moved = [layer for position, (chosen, layer, _, _) in enumerate(plan) if len(chosen) > 1 and position != layer]
+        if moved:
+            notes.append(f"{len(moved)} task-arithmetic layer(s) ({_layer_list(moved)}) move up after the removals: the "
+                         f"reference took their task vectors against the base's layer at the new position (its bug), "
+                         f"this replay against the base's same layer (--as-reference does as the reference)")
+        return notes
 
     # ------------------------------------------------------------------------------------------------ describe
 
@@ -198,6 +223,11 @@ class PruneStrategy:
                                              f"layers with removals {sorted(removed)}")
         values.update({key: int(value) if "_candidate_" in key else float(value) for key, value in flat.items()})
         return values
+
+
+def _layer_list(layers: Sequence[int], shown: int = 12) -> str:
+    text = ", ".join(map(str, layers[:shown]))
+    return f"layers {text}" + (f" and {len(layers) - shown} more" if len(layers) > shown else "")
 
 
 def _float(name: str, low: float, high: float, default: float):

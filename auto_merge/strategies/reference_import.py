@@ -3,9 +3,14 @@
 The reference's keys embed model ids and parameter-set names (reference.md §7); its decoder (§4.1) gives a linear
 group normalised per-model weights, a task-arithmetic group one λ per parameter set over all experts, a TIES group one
 mask rate and one λ per parameter set, and a slerp group the two experts with the largest summed `slerp_t`, with
-t = e^{t2} / (e^{t1} + e^{t2}) from the first (t1) to the runner-up (t2). Each maps exactly onto this project's LFS
-space: per-expert weights λ for task arithmetic, density = 1 - mask rate for TIES, and for slerp the pair in index
-order with t flipped (slerp(a, b, t) = slerp(b, a, 1 - t)) when the reference's first expert has the larger index.
+t = e^{t2} / (e^{t1} + e^{t2}) from the first (t1) to the runner-up (t2). Each maps onto this project's LFS space:
+per-expert weights λ for task arithmetic, density = 1 - mask rate for TIES, and for slerp the pair in index order with
+t flipped (slerp(a, b, t) = slerp(b, a, 1 - t)) when the reference's first expert has the larger index.
+
+The mapping is exact but for TIES's trim count: with mask rate r this project keeps the floor((1 - r) * n) largest
+entries of an n-entry task vector (mergekit's rule), the reference kept n - floor(r * n) + 1 (it kept every entry at
+least as large as the floor(r * n)-th smallest), 1 or 2 more. A replay says so (``LFSStrategy.reference_departures``).
+The reference also computed in fp16; replays compute in fp32.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ Importing this package registers every method. The modules are grouped by kind:
 - ``task_arithmetic``: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
   della_linear, sce
 - ``fourier``: fourier (FR-Merging)
+- ``selective``: nearswap, ram, ramplus_tl, arcee_fusion (mergekit 0.1.5)
 """
 
-from auto_merge.merge.methods import fourier, interpolation, task_arithmetic  # noqa: F401  (registration)
+from auto_merge.merge.methods import fourier, interpolation, selective, task_arithmetic  # noqa: F401  (registration)
 from auto_merge.merge.methods.registry import (
     METHODS,
     MergeInputs,

@@ -35,6 +35,16 @@ BaseUsage = Literal["required", "optional", "none"]
 _MISSING = object()
 
 
+class ParamError(ValueError):
+    """A method parameter is unknown, missing or out of range. ``param`` names it and ``model_index`` says which
+    non-base model's value it is (None: a recipe-wide value), so a caller can point at the key it came from."""
+
+    def __init__(self, message: str, *, param: str | None = None, model_index: int | None = None):
+        super().__init__(message)
+        self.param = param
+        self.model_index = model_index
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """One method parameter.
@@ -77,11 +87,12 @@ class ParamSpec:
                 text = f"{kind} in {left}{self.low}, {self.high}{right}"
         return text + (" (or None)" if self.allow_none else "")
 
-    def coerce(self, value: Any, where: str) -> Any:
-        """Return ``value`` converted to the parameter's type; raise ValueError naming the parameter and its range."""
+    def coerce(self, value: Any, where: str, model_index: int | None = None) -> Any:
+        """Return ``value`` converted to the parameter's type; raise ParamError naming the parameter and its range."""
 
-        def reject(reason: str) -> ValueError:
-            return ValueError(f"{where}: parameter '{self.name}' {reason}; allowed: {self.allowed()}")
+        def reject(reason: str) -> ParamError:
+            return ParamError(f"{where}: parameter '{self.name}' {reason}; allowed: {self.allowed()}",
+                              param=self.name, model_index=model_index)
 
         if value is None:
             if self.allow_none:
@@ -255,18 +266,19 @@ def get_method(name: str) -> MethodSpec:
         raise ValueError(f"unknown merge method {name!r}; known methods: {', '.join(list_methods())}") from None
 
 
-def _apply_rescale_alias(spec: MethodSpec, params: dict[str, Any], where: str) -> None:
+def _apply_rescale_alias(spec: MethodSpec, params: dict[str, Any], where: str, model_index: int | None = None) -> None:
     """Translate mergekit's ``rescale: bool`` into ``rescale_mode`` in place."""
     if "rescale" not in params or not spec.has_param("rescale_mode"):
         return
     flag = params.pop("rescale")
     if not isinstance(flag, bool):
-        raise ValueError(f"{where}: parameter 'rescale' must be a bool, got {flag!r}; allowed: true or false")
+        raise ParamError(f"{where}: parameter 'rescale' must be a bool, got {flag!r}; allowed: true or false",
+                         param="rescale", model_index=model_index)
     translated = "l1" if flag else "none"
     if "rescale_mode" in params and (params["rescale_mode"] == "none") == flag:
-        raise ValueError(
-            f"{where}: 'rescale'={flag} contradicts 'rescale_mode'={params['rescale_mode']!r}; give only rescale_mode"
-        )
+        raise ParamError(
+            f"{where}: 'rescale'={flag} contradicts 'rescale_mode'={params['rescale_mode']!r}; give only rescale_mode",
+            param="rescale", model_index=model_index)
     params.setdefault("rescale_mode", translated)
 
 
@@ -294,9 +306,9 @@ def validate_params(
     known = {param.name: param for param in spec.params}
     for name in global_given:
         if name not in known:
-            raise ValueError(
-                f"{method_name}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}"
-            )
+            raise ParamError(
+                f"{method_name}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}",
+                param=name)
 
     resolved_global: dict[str, Any] = {}
     for name in spec.global_param_names:
@@ -304,30 +316,33 @@ def validate_params(
         value = global_given.get(name, _MISSING)
         if value is _MISSING:
             if param.required:
-                raise ValueError(f"{method_name}: missing required parameter {name!r}; allowed: {param.allowed()}")
+                raise ParamError(f"{method_name}: missing required parameter {name!r}; allowed: {param.allowed()}",
+                                 param=name)
             value = param.default
         resolved_global[name] = param.coerce(value, method_name)
 
     resolved_models: list[dict[str, Any]] = []
     for index, given in enumerate(model_dicts):
         where = f"{method_name} (model {index})"
-        _apply_rescale_alias(spec, given, where)
+        _apply_rescale_alias(spec, given, where, index)
         for name in given:
             if name not in known:
-                raise ValueError(
-                    f"{where}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}"
-                )
+                raise ParamError(
+                    f"{where}: unknown parameter {name!r}; known parameters: {', '.join(known) or 'none'}",
+                    param=name, model_index=index)
             if known[name].scope == "global":
-                raise ValueError(f"{where}: parameter {name!r} is global and cannot be set per model")
+                raise ParamError(f"{where}: parameter {name!r} is global and cannot be set per model",
+                                 param=name, model_index=index)
         resolved: dict[str, Any] = {}
         for name in spec.per_model_param_names:
             param = known[name]
             value = given.get(name, global_given.get(name, _MISSING))
             if value is _MISSING:
                 if param.required:
-                    raise ValueError(f"{where}: missing required parameter {name!r}; allowed: {param.allowed()}")
+                    raise ParamError(f"{where}: missing required parameter {name!r}; allowed: {param.allowed()}",
+                                     param=name, model_index=index)
                 value = param.default
-            resolved[name] = param.coerce(value, where)
+            resolved[name] = param.coerce(value, where, index)
         resolved_models.append(resolved)
 
     result = ResolvedParams(
