@@ -157,8 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge.set_defaults(handler=cmd_merge)
 
+    free = commands.add_parser(
+        "free", help="FREE-Merging: a Fourier backbone plus one sparse expert per task (one model per task)",
+        usage="auto-merge free RECIPE.yml OUT_DIR [--overwrite]\n"
+              "       auto-merge free materialise FREE_DIR TASK MODEL_DIR [--overwrite]")
+    free.add_argument("arguments", nargs="+", metavar="ARG",
+                      help="RECIPE.yml OUT_DIR: build the FREE folder; materialise FREE_DIR TASK MODEL_DIR: write the "
+                           "full model of one task")
+    free.add_argument("--overwrite", action="store_true", help="replace the output folder if auto-merge wrote it")
+    free.add_argument("--no-progress", action="store_true", help="no progress bar")
+    free.set_defaults(handler=cmd_free)
+
     evaluate = commands.add_parser("eval", help="score a checkpoint on lm-eval tasks")
-    evaluate.add_argument("--model", required=True, help="model folder, or zoo:NAME (base, num, rev, col)")
+    evaluate.add_argument("--model", required=True, help="model folder, a FREE folder (auto-merge free: each task scored with its own model), "
+                               "a .gguf file, or zoo:NAME (base, num, rev, col)")
     evaluate.add_argument("--tasks", required=True, help="comma-separated task names")
     evaluate.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     evaluate.add_argument("--include-path", action="append", type=Path, default=None,
@@ -172,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="accept a pickle (.bin) checkpoint (loaded with weights_only=True)")
     evaluate.add_argument("--trust-remote-code", action="store_true",
                           help="let transformers run custom model code shipped in the model folder (auto_map)")
+    evaluate.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="NAME",
+                          help="format prompts with the tokenizer's chat template (NAME: one of several templates)")
+    evaluate.add_argument("--system-instruction", default=None, help="system message before every prompt")
+    evaluate.add_argument("--fewshot-as-multiturn", action="store_true",
+                          help="with --apply-chat-template: few-shot examples as earlier turns")
+    evaluate.add_argument("--log-samples", type=Path, default=None, metavar="FILE.jsonl",
+                          help="also write every example (prompt, model output, target, metrics) to this file")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
@@ -256,12 +275,15 @@ def cmd_zoo_report(args) -> int:
 def cmd_merge(args) -> int:
     from auto_merge.merge.engine import describe_plan, merge_to_disk, prepare_plan
     from auto_merge.merge.io import parse_size
+    from auto_merge.merge.recipe import load_stages
     from auto_merge.output_dirs import check_replaceable
 
     try:
         parse_size(args.out_shard_size)
     except ValueError as err:
         raise UserFacingError(f"--out-shard-size: {err}") from None
+    if len(load_stages(args.recipe)) > 1:  # a mergekit-multi file: its stages in order
+        return _merge_stages(args)
     plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle")
     if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
         check_replaceable(args.out_dir, overwrite=args.overwrite,
@@ -283,11 +305,68 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _merge_stages(args) -> int:
+    """`auto-merge merge` of a file of several recipe documents (cmd_merge's multi-stage half)."""
+    from auto_merge.merge.engine import run_stages
+
+    if args.cuda and not args.dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserFacingError("--cuda: torch sees no CUDA device")
+
+    def report(outcome) -> None:
+        stage = outcome.stage
+        if args.dry_run:
+            print(f"== {stage.label} (document {stage.document + 1}) -> {outcome.out_dir}")
+            print(outcome.plan_text)
+            return
+        result = outcome.result
+        print(f"{stage.label}: {result.out_dir}: {result.tensors} tensors in {result.shards} shard(s), "
+              f"{result.bytes_written / 1e6:.1f} MB, {result.seconds:.1f} s", flush=True)
+
+    run_stages(args.recipe, args.out_dir, seed=args.seed, device="cuda" if args.cuda else "cpu",
+               out_shard_size=args.out_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
+               allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle", dry_run=args.dry_run,
+               on_stage=report)
+    return 0
+
+
+def cmd_free(args) -> int:
+    from auto_merge.merge.free import build_free, materialise
+
+    arguments = args.arguments
+    if arguments[0] == "materialise":
+        if len(arguments) != 4:
+            raise UserFacingError("usage: auto-merge free materialise FREE_DIR TASK MODEL_DIR [--overwrite]")
+        out = materialise(Path(arguments[1]), arguments[2], Path(arguments[3]), overwrite=args.overwrite)
+        print(f"wrote {out} (task {arguments[2]})")
+        return 0
+    if len(arguments) != 2:
+        raise UserFacingError("usage: auto-merge free RECIPE.yml OUT_DIR [--overwrite] (or: auto-merge free "
+                              "materialise FREE_DIR TASK MODEL_DIR)")
+    result = build_free(Path(arguments[0]), Path(arguments[1]), overwrite=args.overwrite,
+                        progress=not args.no_progress)
+    for task, entry in result.tasks.items():
+        print(f"{task}: expert of {entry['model']}, {entry['entries']} of {entry['of']} entries "
+              f"({entry['entries'] / max(1, entry['of']):.2%}), scale {entry['scale']:.4g}")
+    print(f"wrote {result.out_dir} in {result.seconds:.1f} s")
+    return 0
+
+
 def cmd_eval(args) -> int:
-    from auto_merge.evaluation.lm_eval_runner import evaluate_checkpoint, format_table
-    from auto_merge.models.inspect import ModelInspectionError, PickleRefusedError, inspect_model
+    import functools
+
+    from auto_merge.evaluation.lm_eval_runner import ChatFormat, evaluate_checkpoint, format_table
+    from auto_merge.models.inspect import ModelInspectionError, PickleRefusedError, has_chat_template, inspect_model
 
     model_path = _resolve_model_arg(args.model)
+    free = None
+    if (model_path / "free.json").is_file():  # a FREE-Merging folder: each task is scored with its own model
+        from auto_merge.merge.free import FreeFolder
+
+        free = FreeFolder.open(model_path)
+        model_path = free.backbone
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserFacingError(f"--tasks {args.tasks!r} names no task: give comma-separated lm-eval task names, "
@@ -309,20 +388,46 @@ def cmd_eval(args) -> int:
         raise UserFacingError(f"--model {args.model}: {err.with_opt_in('pass --allow-pickle')}") from None
     except ModelInspectionError as err:
         raise UserFacingError(f"--model {args.model}: {err}") from None
+    if args.apply_chat_template and not has_chat_template(model_path):
+        raise UserFacingError(f"--model {args.model}: its tokenizer has no chat template (no chat_template in "
+                              f"tokenizer_config.json, no chat_template.jinja); drop --apply-chat-template")
+    if args.fewshot_as_multiturn and not args.apply_chat_template:
+        raise UserFacingError("--fewshot-as-multiturn needs --apply-chat-template")
     if info.config.get("auto_map") and not args.trust_remote_code:
         raise UserFacingError(f"--model {args.model}: config.json names custom model code (auto_map); pass "
                               f"--trust-remote-code to run it, or use a model of an architecture transformers knows")
+    samples: list | None = None
+    if args.log_samples is not None:
+        if args.log_samples.exists() or not args.log_samples.parent.is_dir():
+            raise UserFacingError(f"--log-samples {args.log_samples}: "
+                                  + ("exists; give a new file" if args.log_samples.exists()
+                                     else "its folder does not exist"))
+        samples = []
+    if free is not None:
+        for route, routed in free.routes(tasks).items():
+            print(f"{', '.join(routed)}: " + (f"backbone + expert {route}" if route else "backbone alone"))
     try:
-        results = evaluate_checkpoint(model_path, tasks, limit=limit, batch_size=args.batch_size, device=args.device,
-                                      include_paths=args.include_path, dtype=args.dtype,
-                                      allow_code_execution=args.allow_code_execution,
-                                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        score = free.evaluate if free is not None else functools.partial(evaluate_checkpoint, model_path)
+        results = score(tasks, limit=limit, batch_size=args.batch_size, device=args.device,
+                        include_paths=args.include_path, dtype=args.dtype,
+                        allow_code_execution=args.allow_code_execution,
+                        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                        chat=ChatFormat(args.apply_chat_template, args.system_instruction,
+                                        args.fewshot_as_multiturn),
+                        samples=samples)
     except FileNotFoundError as err:
         raise UserFacingError(str(err)) from None
     for task in tasks:
         if task in results:
             print(f"\n{task}")
             print(format_table([(str(args.model), results[task])], sorted(results[task])))
+    if samples is not None:
+        import json
+
+        from auto_merge.output_dirs import write_text_atomic
+
+        write_text_atomic(args.log_samples, "".join(json.dumps(record, default=str) + "\n" for record in samples))
+        print(f"\nwrote {len(samples)} examples to {args.log_samples}")
     return 0
 
 
@@ -336,9 +441,13 @@ def _resolve_model_arg(ref: str) -> Path:
             return zoo_model_path(ref[len(ZOO_REF_PREFIX):])
         except ValueError as err:
             raise UserFacingError(str(err)) from None
+    from auto_merge.models.gguf import gguf_model_folder, is_gguf_reference
+
     path = Path(ref)
+    if is_gguf_reference(ref):
+        return gguf_model_folder(path)
     if not path.is_dir():
-        raise UserFacingError(f"--model {ref}: no such folder (give a local model folder or zoo:NAME)")
+        raise UserFacingError(f"--model {ref}: no such folder (give a local model folder, a .gguf file or zoo:NAME)")
     return path
 
 

@@ -243,6 +243,17 @@ def test_a_reference_prune_replay_states_its_departures_and_as_reference_reprodu
     assert torch.equal(theirs_weights[name.format(position)], source[name.format(layer)])
     assert torch.allclose(ours_weights[name.format(position)], scale * source[name.format(layer)])
 
+    # The saved recipe re-runs as it is, without the config's aliases: hub ids only the aliases resolved are written
+    # as the folders they resolved to (issue 14).
+    from auto_merge.cli import main
+
+    saved = (tmp_path / "ours" / "auto_merge_recipe.yml").read_text()
+    assert "WizardLMTeam/WizardLM-13B-V1.2" not in saved and str(paths[strategy.base_model]) in saved
+    assert main(["merge", str(tmp_path / "ours" / "auto_merge_recipe.yml"), str(tmp_path / "rerun"),
+                 "--no-progress"]) == 0
+    rerun = load_file(tmp_path / "rerun" / "model.safetensors")
+    assert rerun.keys() == ours_weights.keys() and all(torch.equal(rerun[k], ours_weights[k]) for k in rerun)
+
 
 def test_as_reference_is_refused_for_this_projects_own_found_configurations(tmp_path):
     from auto_merge.search.replay import ReplayError, replay

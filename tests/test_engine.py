@@ -155,6 +155,35 @@ def test_frankenmerge_stacks_the_right_source_layers(merged, zoo_state):
     assert torch.equal(out["lm_head.weight"], zoo_state["rev"]["lm_head.weight"])
 
 
+def test_gradients_give_embeddings_norm_and_head_their_first_value(zoo_state, tmp_path):
+    """mergekit 0.1.5 plans the tensors outside the layers at t = 0: the embeddings with the first slice's first
+    gradient values, the final norm and the LM head with the last slice's first values."""
+    out = output_tensors(run_recipe(RECIPES / "gradient_task_arithmetic.yml", tmp_path / "out").out_dir)
+
+    def closed_form(name, layer_of, weights):
+        base = zoo_state["base"][name.format(layer_of["base"])]
+        terms = [(zoo_state[m][name.format(layer_of[m])] - base) * w for m, w in weights.items()]
+        return base + sum(terms)
+
+    same = {"base": 0, "num": 0, "rev": 0, "col": 0}
+    cases = [("model.embed_tokens.weight", {"num": 0.2, "rev": 0.6}),
+             ("model.norm.weight", {"num": 0.3, "col": 0.5}),
+             ("lm_head.weight", {"num": 0.3, "col": 0.5})]
+    for name, weights in cases:
+        expected = closed_form(name, same, weights)
+        torch.testing.assert_close(out[name], expected, atol=1e-6, rtol=1e-6)
+        base = zoo_state["base"][name]
+        per_model = [{"weight": w} for w in weights.values()]
+        assert torch.equal(out[name], fused_reference("task_arithmetic", [zoo_state[m][name] for m in weights], base,
+                                                      {"lambda": 1.0}, per_model)), name
+    # The layers still follow the gradient: the last layer of each slice takes the last values.
+    name = "model.layers.{}.mlp.up_proj.weight"
+    torch.testing.assert_close(out[name.format(3)], closed_form(name, {m: 3 for m in same}, {"num": 1.0, "rev": 0.1}),
+                               atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[name.format(7)], closed_form(name, {m: 7 for m in same}, {"num": 0.9, "col": 0.0}),
+                               atol=1e-6, rtol=1e-6)
+
+
 def test_reference_slices_take_task_vectors_against_the_target_layers(zoo, zoo_state, tmp_path):
     out = output_tensors(run_recipe(RECIPES / "reference_slices.yml", tmp_path / "out").out_dir)
     name = "model.layers.5.self_attn.q_proj.weight"  # second slice, offset 1: rev 5, col 3, base (target) 5
@@ -376,15 +405,16 @@ def test_union_tokenizer_adds_tokens_and_rebuilds_rows_by_token(zoo_state, num_w
     base = zoo_state["base"]["model.embed_tokens.weight"]
     embeddings = state["model.embed_tokens.weight"]
     torch.testing.assert_close(embeddings[:69], (base + zoo_state["num"]["model.embed_tokens.weight"]) / 2)
-    torch.testing.assert_close(embeddings[69], (base.mean(dim=0) + 0.5) / 2)  # the base lacks <extra>: mean row
+    # The base lacks <extra>: mergekit's default for it, the row of the only model that has it (for both models).
+    assert torch.equal(embeddings[69], torch.full((64,), 0.5))
     load_and_generate(out)
 
-    # The expert's own tokenizer as the output's: its 70 rows, the base's missing row filled with its mean.
+    # The expert's own tokenizer as the output's: its 70 rows, the base's missing row the expert's (mergekit's rule).
     recipe["tokenizer_source"] = str(num_with_extra_token)
     out = merge_to_disk(prepare_plan(parse_recipe(recipe)), tmp_path / "expert_tokenizer").out_dir
     assert len(AutoTokenizer.from_pretrained(out)) == 70
     head = output_tensors(out)["lm_head.weight"]
-    torch.testing.assert_close(head[69], (zoo_state["base"]["lm_head.weight"].mean(dim=0) + 0.5) / 2)
+    assert torch.equal(head[69], torch.full((64,), 0.5))
 
 
 def test_same_tokenizer_everywhere_copies_files_without_loading_a_tokenizer(merged, zoo):

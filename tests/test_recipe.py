@@ -135,7 +135,8 @@ BAD_RECIPES = [
     ("models: [{model: a, layer_range: [0, 2]}]\nmerge_method: linear", "models[0].layer_range",
      "allowed: model, parameters"),
     ("models: [{model: a}]\nmerge_method: linear\ndtype: float8", "dtype", "bfloat16"),
-    ("models: [{model: a}]\nmerge_method: linear\nchat_template: chatml", "chat_template", "not supported"),
+    ("models: [{model: a}]\nmerge_method: linear\nchat_template: chatmlx", "chat_template", "allowed: auto, alpaca"),
+    ("models: [{model: a}]\nmerge_method: linear\nmodules: {}", "modules", "not supported"),
     ("slices: [{sources: [{model: a, layer_range: [0, 2]}], merging_method: {ties: {}, linear: {}}}]",
      "slices[0].merging_method", "exactly one method"),
     ("models: [{model: a, parameters: {weight: [1, 'x']}}]\nmerge_method: linear",
@@ -155,7 +156,7 @@ def test_invalid_recipes_name_the_file_and_key(text, key, fragment):
 def test_multi_document_and_broken_yaml_files_are_refused(tmp_path):
     multi = tmp_path / "multi.yml"
     multi.write_text("models: [{model: a}]\nmerge_method: linear\n---\nmodels: [{model: b}]\nmerge_method: linear\n")
-    with pytest.raises(RecipeError, match="multi.yml: expected one YAML document"):
+    with pytest.raises(RecipeError, match="multi.yml: expected one YAML document, found 2 .*auto-merge merge"):
         load_recipe(multi)
     broken = tmp_path / "broken.yml"
     broken.write_text("models: [\n")
@@ -214,9 +215,33 @@ slices:
     assert up.global_dict()["lambda"] == pytest.approx(2.0)
     assert up.global_dict()["normalize"] is True  # the registry's default, filled in
     assert plan.task("model.layers.0.mlp.up_proj.weight").global_dict()["lambda"] == pytest.approx(1.0)
-    # Embeddings come from the first slice at position 0, the head from the last at position 1.
+    # Embeddings come from the first slice, norm and head from the last, all at position 0 (mergekit's t = 0).
     assert plan.task("model.embed_tokens.weight").per_model_dicts()[0]["density"] == pytest.approx(0.2)
-    assert plan.task("lm_head.weight").global_dict()["lambda"] == pytest.approx(2.0)
+    assert plan.task("lm_head.weight").global_dict()["lambda"] == pytest.approx(1.0)
+    assert plan.task("model.norm.weight").per_model_dicts()[0]["density"] == pytest.approx(0.2)
+
+
+def test_gradients_give_the_embeddings_norm_and_head_their_first_value_as_mergekit_does(catalog):
+    parsed = recipe("""
+base_model: base
+merge_method: task_arithmetic
+parameters: {lambda: [0.5, 1.5]}
+slices:
+  - sources: [{model: a, layer_range: [0, 4], parameters: {weight: [0.1, 0.4]}}]
+  - sources: [{model: b, layer_range: [4, 8], parameters: {weight: [0.7, 0.2]}}]
+    parameters: {lambda: [{filter: norm, value: [3.0, 4.0]}]}
+""")
+    plan = compile_plan(parsed, catalog)
+    weight = lambda name: plan.task(name).per_model_dicts()[0]["weight"]
+    assert weight("model.embed_tokens.weight") == pytest.approx(0.1)  # first slice, first value
+    assert weight("model.layers.3.mlp.up_proj.weight") == pytest.approx(0.4)  # first slice's last layer
+    assert weight("model.layers.7.mlp.up_proj.weight") == pytest.approx(0.2)  # last slice's last layer
+    for name in ("model.norm.weight", "lm_head.weight"):  # last slice's sources, at t = 0: first value
+        assert plan.task(name).inputs[0].model == "b"
+        assert weight(name) == pytest.approx(0.7)
+    assert plan.task("lm_head.weight").global_dict()["lambda"] == pytest.approx(0.5)
+    assert plan.task("model.norm.weight").global_dict()["lambda"] == pytest.approx(3.0)  # the slice's filter
+    assert plan.task("model.embed_tokens.weight").global_dict()["lambda"] == pytest.approx(0.5)
 
 
 def test_slices_are_stacked_with_consecutive_output_layers(catalog):

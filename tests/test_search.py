@@ -72,6 +72,9 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     for trial in trials:
         assert trial["status"] == "success" and set(trial["scores"]) == {"zoo_num", "zoo_rev", "zoo_col"}
         assert trial["recipe"]["slices"] and trial["merge_seconds"] is not None
+        # the wall time between results covers the trial itself and what happens around it
+        assert trial["since_previous_seconds"] >= trial["seconds"] * 0.99 > 0
+    assert [t["finished_unix"] for t in trials] == sorted(t["finished_unix"] for t in trials)
     # Promotion reuses the examples already scored at the lower budget.
     assert any(t["cached_examples"] for t in trials if t["budget"] == 30.0)
     # The initial design's experts come first: the first one is expert num alone, at the smallest budget.

@@ -68,7 +68,7 @@ class _ModelChecker:
             info = inspect_model(reference, path, allow_pickle=self.params.allow_pickle)
         except ModelResolutionError as error:
             known = ", ".join(sorted(self.aliases)) or "none"
-            self.problem(subpath, str(error), "a local model folder, zoo:NAME, a hub id in the local Hugging Face "
+            self.problem(subpath, str(error), "a local model folder, a .gguf file, zoo:NAME, a hub id in the local Hugging Face "
                                               f"cache, or a key of global_params.model_aliases (defined: {known})")
             self.failed.add(reference)
             return None

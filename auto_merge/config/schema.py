@@ -280,14 +280,23 @@ class EvaluationTask(StrictModel):
 class EvaluationSettings(StrictModel):
     """How merged models are scored (reference: `global_params.evaluation`)."""
 
-    in_memory: bool = Field(False, description="True: copy merged tensors into a live model; false: write a "
-                                               "checkpoint, then evaluate it")
-    vllm: bool = Field(False, description="Use vLLM (true) or Hugging Face HFLM (false)")
-    enforce_eager: bool = Field(True, description="Passed to vLLM")
+    in_memory: bool = Field(True, description="Candidates are copied into a live model and evaluated in memory "
+                                              "(false, the reference's write-then-evaluate, is refused: same scores, "
+                                              "slower)")
+    vllm: bool = Field(False, description="Use vLLM (true) or Hugging Face HFLM (false). The vLLM backend is not "
+                                          "in this version yet: true is refused before any model loads")
+    enforce_eager: bool = Field(True, description="Passed to vLLM (read only with vllm: true)")
     batch_size: int = Field(16, ge=1, description="lm-eval batch size")
     torch_dtype: Literal["float16", "bfloat16", "float32", "auto"] = Field(
         "float16", description="dtype of the evaluated model")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (absent = each task's default)")
+    apply_chat_template: bool | str = Field(
+        False, description="New. Format prompts with the tokenizer's chat template (lm-eval's option); a string names "
+                           "one of several templates. Instruction-tuned models usually need it")
+    system_instruction: str | None = Field(
+        None, description="New. A system message put before every prompt (with the chat template: the system turn)")
+    fewshot_as_multiturn: bool = Field(
+        False, description="New. With the chat template: few-shot examples as earlier turns of the conversation")
     limit: float | None = Field(
         None, gt=0, description="examples per task for one-shot evaluations (no budget); < 1 = a fraction")
     device: str | None = Field(None, description="lm-eval device: cpu, cuda, cuda:N, mps or auto (absent = auto)")
@@ -540,7 +549,8 @@ def _check_model_list(cls: type, models: list[str]) -> list[str]:
     return models
 
 
-_MODEL_REFERENCE = ("a model reference: a hub id (found in the local Hugging Face cache), a local folder, zoo:NAME, "
+_MODEL_REFERENCE = ("a model reference: a hub id (found in the local Hugging Face cache), a local folder, a .gguf file "
+                    "(converted once to safetensors in the cache), zoo:NAME, "
                     "or a key of global_params.model_aliases")
 
 

@@ -42,7 +42,14 @@ from auto_merge.evaluation.budget import (
     shuffle_seed,
 )
 from auto_merge.evaluation.cache import ResultCache, round_trip
-from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskConfigError, TaskSuite, TaskUnit, resolve_device
+from auto_merge.evaluation.lm_eval_runner import (
+    ChatFormat,
+    LiveEvaluator,
+    TaskConfigError,
+    TaskSuite,
+    TaskUnit,
+    resolve_device,
+)
 from auto_merge.evaluation.objective import Aggregate, TaskObjective, TrialScores, aggregate_cost, task_cost
 from auto_merge.evaluation.plugins import plugin_source_digest
 
@@ -78,7 +85,8 @@ class BudgetedEvaluator:
             overrides={o.task: o.overrides for o in self.objectives if o.overrides},
             num_fewshot=settings.num_fewshot, allow_code_execution=allow_code_execution, base_dir=config_dir)
         self.live = LiveEvaluator(model, tokenizer, self.suite, batch_size=settings.batch_size,
-                                  device=resolve_device(settings.device), max_length=max_length)
+                                  device=resolve_device(settings.device), max_length=max_length,
+                                  chat=ChatFormat.from_settings(settings))
         leaves = self.suite.leaf_tasks
         self._aggregation = {}
         for objective in self.objectives:

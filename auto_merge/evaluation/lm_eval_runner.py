@@ -48,6 +48,25 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How prompts are formatted: lm-eval's chat-template options (off by default, as in lm-eval)."""
+
+    apply_chat_template: bool | str = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = False
+
+    @classmethod
+    def from_settings(cls, settings) -> "ChatFormat":
+        """From an EvaluationSettings (or anything with the same attributes)."""
+        return cls(getattr(settings, "apply_chat_template", False), getattr(settings, "system_instruction", None),
+                   getattr(settings, "fewshot_as_multiturn", False))
+
+    def lm_eval_arguments(self) -> dict:
+        return {"apply_chat_template": self.apply_chat_template, "system_instruction": self.system_instruction,
+                "fewshot_as_multiturn": self.fewshot_as_multiturn}
+
+
 def default_include_paths() -> list[Path]:
     """The project's own task folder, when running from a checkout."""
     folder = PROJECT_ROOT / "custom_tasks"
@@ -329,7 +348,7 @@ class LiveEvaluator:
     """
 
     def __init__(self, model, tokenizer, suite: TaskSuite, batch_size: int | str = 64, device: str | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, chat: "ChatFormat | None" = None):
         set_offline()
         import torch
 
@@ -343,6 +362,7 @@ class LiveEvaluator:
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self.model = model
         self.suite = suite
+        self.chat = chat or ChatFormat()
         self.forward_seconds = 0.0
         self._synchronise = torch.cuda.synchronize if self.lm.device.type == "cuda" else None
         for name in ("_model_call", "_model_generate"):
@@ -362,9 +382,10 @@ class LiveEvaluator:
 
         return timed
 
-    def evaluate(self, limit: int | float | None = None) -> dict[str, dict[str, float]]:
+    def evaluate(self, limit: int | float | None = None, samples: list | None = None) -> dict[str, dict[str, float]]:
         """Per task (and group), its metrics (`"exact_match,none"` style keys, as lm-eval reports them), on the
-        first `limit` documents of each task (all when None; a fraction when < 1)."""
+        first `limit` documents of each task (all when None; a fraction when < 1). ``samples``: a list that gets one
+        record per example (task, doc_id, prompt, model output, target, metrics)."""
         from lm_eval.evaluator import evaluate
 
         with quiet():
@@ -373,10 +394,14 @@ class LiveEvaluator:
                 task_dict=self.suite.task_dict,
                 limit=limit,
                 bootstrap_iters=0,  # no stderr bootstrap: seconds per call on a CPU, and unused here
-                log_samples=False,
+                log_samples=samples is not None,
                 verbosity="ERROR",
                 confirm_run_unsafe_code=self.suite.allow_code_execution,
+                **self.chat.lm_eval_arguments(),
             )
+        if samples is not None:
+            samples.extend(sample_record(task, entry) for task, entries in results["samples"].items()
+                           for entry in entries)
         return {task: metric_values(values) for task, values in results["results"].items()}
 
     def evaluate_documents(self, documents: Mapping[str, Sequence[int]]) -> dict[str, dict[int, dict[str, Any]]]:
@@ -399,6 +424,7 @@ class LiveEvaluator:
                 log_samples=True,  # the per-document values live only in the logged samples
                 verbosity="ERROR",
                 confirm_run_unsafe_code=self.suite.allow_code_execution,
+                **self.chat.lm_eval_arguments(),
             )
         per_document: dict[str, dict[int, dict[str, Any]]] = {task: {} for task in selected}
         for task, entries in results["samples"].items():
@@ -428,6 +454,22 @@ def _memoised_encoder(encode, max_entries: int = 1 << 16):
     return tok_encode
 
 
+def sample_record(task: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One logged lm-eval sample as plain JSON data: what the model was asked, what it answered, what was expected."""
+    arguments = entry.get("arguments") or []
+    prompts = [args[0] if isinstance(args, (list, tuple)) and args else args for args in arguments]
+    return {
+        "task": task,
+        "doc_id": entry.get("doc_id"),
+        "filter": entry.get("filter"),
+        "prompt": prompts[0] if len(prompts) == 1 else prompts,
+        "output": entry.get("filtered_resps"),
+        "raw_output": entry.get("resps"),
+        "target": entry.get("target"),
+        "metrics": {metric: entry.get(metric) for metric in entry.get("metrics") or []},
+    }
+
+
 def metric_values(values: dict) -> dict[str, float]:
     return {
         key: float(value)
@@ -439,11 +481,13 @@ def metric_values(values: dict) -> dict[str, float]:
 def evaluate_checkpoint(path, tasks: list[str], limit=None, batch_size: int = 64, device: str = "cpu",
                         include_paths: list[Path] | None = None, dtype: str = "float32",
                         allow_code_execution: bool = False, allow_pickle: bool = False,
-                        trust_remote_code: bool = False) -> dict[str, dict[str, float]]:
+                        trust_remote_code: bool = False, chat: "ChatFormat | None" = None,
+                        samples: list | None = None) -> dict[str, dict[str, float]]:
     suite = TaskSuite(tasks, include_paths, allow_code_execution=allow_code_execution)
     model, tokenizer = load_checkpoint(path, dtype=dtype, device=resolve_device(device), allow_pickle=allow_pickle,
                                        trust_remote_code=trust_remote_code)
-    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size).evaluate(limit=limit)
+    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size, chat=chat).evaluate(limit=limit,
+                                                                                             samples=samples)
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], columns: list[str]) -> str:

@@ -15,6 +15,9 @@ The output folder gets the tensors, ``config.json`` (layer count, vocabulary siz
 (``auto_merge_recipe.yml``), its mergekit export (``mergekit_config.yml``, when mergekit can express it) and a model
 card (``README.md``) that records both and how to reproduce the merge. It is built beside ``OUT_DIR`` and renamed
 into place at the end (:func:`auto_merge.output_dirs.atomic_folder`).
+
+A file of several recipe documents (mergekit-multi) runs stage by stage (:func:`run_stages`): the final merge into
+``OUT_DIR``, every other stage into ``OUT_DIR.stages/NAME``, each written as above.
 """
 
 from __future__ import annotations
@@ -42,8 +45,17 @@ from auto_merge.merge import fused_gta
 from auto_merge.merge.fused import combination, combine_into, linear_terms
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
-from auto_merge.merge.recipe import MergekitExportError, Recipe, load_recipe, to_mergekit_yaml
-from auto_merge.merge.tokenizer import write_tokenizer
+from auto_merge.merge.recipe import (
+    MergekitExportError,
+    Recipe,
+    RecipeError,
+    RecipeStage,
+    load_recipe,
+    load_stages,
+    rename_models,
+    to_mergekit_yaml,
+)
+from auto_merge.merge.tokenizer import align_rows, write_chat_template, write_tokenizer
 from auto_merge.errors import AutoMergeError
 from auto_merge.output_dirs import atomic_folder, check_replaceable
 
@@ -98,14 +110,14 @@ def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: i
         if merged is not None:
             return merged
 
-    def prepare(tensor_input: TensorInput):
-        tensor = fetch(tensor_input).to(device=device, dtype=torch.float32)
-        if tensor_input.row_map is not None:
-            tensor = tensor_input.row_map.apply(tensor)
-        return tensor
-
-    inputs = [prepare(tensor_input) for tensor_input in task.inputs]
-    base = prepare(task.base) if task.base is not None else None
+    reads = task.reads()
+    tensors = [fetch(tensor_input).to(device=device, dtype=torch.float32) for tensor_input in reads]
+    if any(tensor_input.row_map is not None for tensor_input in reads):  # vocabularies differ: rows by token
+        tensors = align_rows(tensors, [tensor_input.row_map for tensor_input in reads],
+                             base=len(task.inputs) if task.base is not None else None,
+                             models=[tensor_input.model for tensor_input in reads])
+    inputs = tensors[:len(task.inputs)]
+    base = tensors[len(task.inputs)] if task.base is not None else None
     scaled = task.output_scale != 1.0
     merged = merge_tensor(task.method, inputs, base, task.global_dict(), task.per_model_dicts(), seed=seed,
                           tensor_name=task.name, out=None if scaled else out)
@@ -325,10 +337,17 @@ def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source:
     write_json(folder / "config.json", output_config)
     copy_files(plan.models[plan.template].path, folder, SIDE_FILES)
     write_tokenizer(plan.vocabulary, {ref: model.path for ref, model in plan.models.items()}, folder)
-    recipe_yaml = plan.recipe.to_yaml()
+    if plan.chat_template is not None:
+        write_chat_template(folder, plan.chat_template)
+    # The saved recipe must re-run as it is: a reference that only an alias (or a working directory) made resolvable
+    # is written as the folder it resolved to.
+    portable = _portable_names(plan)
+    recipe_yaml = rename_models(plan.recipe, portable).to_yaml()
     (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     try:
-        mergekit_yaml = to_mergekit_yaml(plan.recipe, model_names=_mergekit_names(plan), out_dtype=plan.out_dtype)
+        mergekit_yaml = to_mergekit_yaml(plan.recipe, model_names={**portable, **_mergekit_names(plan)},
+                                         out_dtype=plan.out_dtype,
+                                         chat_template=plan.chat_template)
         (folder / MERGEKIT_FILE).write_text(mergekit_yaml, encoding="utf-8")
         mergekit_note = None
     except MergekitExportError as error:
@@ -337,6 +356,25 @@ def write_side_files(plan: MergePlan, folder: Path, *, seed: int, recipe_source:
         model_card(plan, recipe_yaml, mergekit_yaml, mergekit_note, seed=seed, recipe_source=recipe_source,
                    notes=notes),
         encoding="utf-8")
+
+
+def _portable_names(plan: MergePlan) -> dict[str, str]:
+    """Model reference → its folder, for every reference that would not resolve to the same folder on its own (an
+    alias of the search config, a path relative to another folder); zoo and cached hub references stay."""
+    from auto_merge.models.resolve import ModelResolutionError, resolve_model_ref
+
+    names = {}
+    for ref, model in plan.models.items():
+        if ref.startswith("zoo:"):
+            continue
+        folder = Path(model.path).resolve()
+        try:
+            same = Path(resolve_model_ref(ref, build_zoo=False)).resolve() == folder
+        except (ModelResolutionError, OSError):
+            same = False
+        if not same:
+            names[ref] = str(folder)
+    return names
 
 
 def _mergekit_names(plan: MergePlan) -> dict[str, str]:
@@ -436,3 +474,102 @@ def run_recipe(
     return merge_to_disk(plan, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
                          overwrite=overwrite, progress=progress, recipe_source=source, notes=notes)
 
+
+
+# ------------------------------------------------------------------------------------------ multi-stage recipes
+STAGES_SUFFIX = ".stages"
+
+
+def stage_folders(stages: Sequence[RecipeStage], out_dir: str | Path) -> dict[str | None, Path]:
+    """Where each stage of a mergekit-multi file is written: the final merge to ``OUT_DIR``, every other stage to
+    ``OUT_DIR.stages/NAME`` beside it (kept, so they can be inspected or reused, and never inside the final model's
+    folder). Absolute paths: later stages name them as models."""
+    out_dir = Path(out_dir).absolute()
+    root = out_dir.parent / f"{out_dir.name}{STAGES_SUFFIX}"
+    return {stage.name: out_dir if stage.final else root / stage.name for stage in stages}
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """One stage of a multi-stage run: where it went and what was written (None for a dry run)."""
+
+    stage: RecipeStage
+    out_dir: Path
+    result: MergeResult | None
+    plan_text: str = ""
+
+
+def run_stages(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    pickle_opt_in: str | None = None,
+    dry_run: bool = False,
+    on_stage: Callable[[StageOutcome], None] | None = None,
+) -> list[StageOutcome]:
+    """Run a mergekit-multi file: every stage in order (:func:`auto_merge.merge.recipe.load_stages`), each written
+    atomically to its folder (:func:`stage_folders`); a stage's name used as a model means its output folder.
+
+    Before any weight is read: every document is validated, every model that is not a stage is resolved and every
+    stage that merges no other stage's output is planned; no output folder may exist (unless ``overwrite`` and
+    auto-merge wrote it) or hold a source. A stage that merges another's output is planned once that is written.
+    ``dry_run``: plan what can be planned and write nothing. ``on_stage`` is called after each stage."""
+    source = str(path)
+    stages = load_stages(path)
+    folders = stage_folders(stages, out_dir)
+    catalog = ModelCatalog(search_dirs=[Path(path).resolve().parent], allow_pickle=allow_pickle,
+                           pickle_opt_in=pickle_opt_in)
+
+    def stage_source(stage: RecipeStage) -> str:
+        return f"{source} (document {stage.document + 1}, {stage.label})"
+
+    plans: dict[int, MergePlan] = {}
+    real_sources: set[Path] = set()
+    for stage in stages:
+        if not stage.uses:
+            plans[stage.document] = compile_plan(stage.recipe, catalog, source=stage_source(stage))
+            real_sources |= {model.path for model in plans[stage.document].models.values()}
+        else:  # resolve its other models now, so that a missing one stops the run before any merge
+            for ref in stage.recipe.model_refs():
+                if ref not in stage.uses:
+                    try:
+                        real_sources.add(catalog.resolve(ref))
+                    except (ValueError, OSError) as error:
+                        raise RecipeError(str(error), source=stage_source(stage)) from None
+    if not dry_run:
+        for stage in stages:
+            check_replaceable(folders[stage.name], overwrite=overwrite, protected=sorted(real_sources),
+                              what=f"output folder of {stage.label}")
+    outcomes = []
+    for stage in stages:
+        plan = plans.get(stage.document)
+        if plan is None and dry_run:
+            used = ", ".join(repr(name) for name in stage.uses)
+            text = f"merges the output(s) of {used}: planned when they are written"
+            outcomes.append(StageOutcome(stage, folders[stage.name], None, text))
+        else:
+            if plan is None:
+                recipe = rename_models(stage.recipe, {name: str(folders[name]) for name in stage.uses})
+                plan = compile_plan(recipe, catalog, source=stage_source(stage))
+            if dry_run:
+                outcomes.append(StageOutcome(stage, folders[stage.name], None, describe_plan(plan, out_shard_size)))
+            else:
+                note = (f"{stage.label} (document {stage.document + 1}) of the multi-stage recipe {Path(source).name}: "
+                        f"`auto-merge merge {Path(source).name} OUT_DIR` makes every stage, the final merge in OUT_DIR "
+                        f"and the others in OUT_DIR{STAGES_SUFFIX}/NAME")
+                used = [f"`{name}`: {folders[name]}" for name in stage.uses]
+                notes = [("Stages", [note] + [f"merges the output of stage {item}" for item in used])]
+                folders[stage.name].parent.mkdir(parents=True, exist_ok=True)
+                result = merge_to_disk(plan, folders[stage.name], seed=seed, device=device,
+                                       out_shard_size=out_shard_size, overwrite=overwrite, progress=progress,
+                                       recipe_source=source, notes=notes)
+                outcomes.append(StageOutcome(stage, folders[stage.name], result))
+        if on_stage is not None:
+            on_stage(outcomes[-1])
+    return outcomes

@@ -12,8 +12,10 @@ Layers are found from tensor names (``model.layers.N.``, ``transformer.h.N.``, `
 Slices are stacked: output layer indices are consecutive, so layer ``a + k`` of a source of slice s becomes output
 layer ``(sum of the lengths of slices before s) + k``. Position ``k / (n - 1)`` of that layer in its slice (1 for a
 one-layer slice) is where gradients are evaluated. Tensors outside the layers follow mergekit's rule: embeddings come
-from the first slice's sources (at position 0), everything else (final norm, LM head) from the last slice's (at
-position 1). A model without an LM-head tensor (tied embeddings) supplies its input embedding for the head.
+from the first slice's sources, everything else (final norm, LM head) from the last slice's, and all of them take
+their parameters at position 0 (mergekit 0.1.5 plans them with t = 0: a gradient gives them its first value, and the
+last slice's own gradient its first value too). A model without an LM-head tensor (tied embeddings) supplies its input
+embedding for the head.
 
 The base model of a slice (the slice's ``base_model``, else the recipe's) supplies the task-vector base for methods
 that take one. Its layers are ``base_layer_range`` when given, else the layers of its own source entry in the slice,
@@ -45,7 +47,14 @@ from auto_merge.merge.recipe import (
     RecipeError,
     evaluate_setting,
 )
-from auto_merge.merge.tokenizer import RowMap, VocabularyError, VocabularyPlan, plan_vocabulary
+from auto_merge.merge.tokenizer import (
+    RowMap,
+    VocabularyError,
+    VocabularyPlan,
+    has_tokenizer,
+    plan_vocabulary,
+    resolve_chat_template,
+)
 from auto_merge.models.inspect import (
     PickleRefusedError,
     architecture_differences,
@@ -253,6 +262,8 @@ class MergePlan:
     vocabulary: VocabularyPlan
     template: str
     layer_origins: list[list[tuple[str, int]]]  # per output layer: (model, source layer) of each input
+    chat_template: str | None = None  # the output tokenizer's new template (recipe `chat_template`); None: as copied
+    chat_template_note: str = ""  # where it came from, for the summary
     _by_name: dict[str, TensorTask] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -275,6 +286,8 @@ class MergePlan:
                  f"{sum(self.output_bytes(t) for t in self.tasks) / 1e6:.1f} MB in {self.out_dtype}"]
         lines.append(f"config and side files from: {self.template}")
         lines.append(f"tokenizer: {self.vocabulary.describe()}")
+        if self.chat_template_note:
+            lines.append(f"chat template: {self.chat_template_note}")
         layer = 0
         slices = self.recipe.slices or [None]
         for index, slice_ in enumerate(slices):
@@ -338,8 +351,8 @@ def compile_plan(recipe: Recipe, catalog: ModelCatalog, *, source: str | None = 
             tasks.extend(_layer_tasks(slice_, offset, output_layer, position, recipe, models, fail))
             layer_origins.append([(s.model, s.start + offset) for s in slice_.inputs])
             output_layer += 1
-    for name in post:
-        tasks.append(_outer_task(name, slices[-1], 1.0, recipe, models, fail))
+    for name in post:  # mergekit: the last slice's sources and parameters, but at t = 0 (not its last layer's t)
+        tasks.append(_outer_task(name, slices[-1], 0.0, recipe, models, fail))
 
     vocabulary = _plan_vocabulary(recipe, template_ref, tasks, models, fail)
     slice_keys = [slice_.key for slice_ in slices]
@@ -352,6 +365,7 @@ def compile_plan(recipe: Recipe, catalog: ModelCatalog, *, source: str | None = 
             fail(f"model {ref} does not share the architecture of {template_ref}: {'; '.join(differences)}",
                  key="base_model" if recipe.base_model else "models",
                  allowed=f"models whose config.json matches {template_ref}'s (vocab_size may differ)")
+    chat_template, chat_template_note = _chat_template(recipe, vocabulary, models, fail)
     return MergePlan(
         recipe=recipe,
         tasks=tasks,
@@ -362,6 +376,8 @@ def compile_plan(recipe: Recipe, catalog: ModelCatalog, *, source: str | None = 
         vocabulary=vocabulary,
         template=template_ref,
         layer_origins=layer_origins,
+        chat_template=chat_template,
+        chat_template_note=chat_template_note,
     )
 
 
@@ -594,14 +610,47 @@ def _plan_vocabulary(recipe: Recipe, template_ref: str, tasks: list[TensorTask],
         target = template_ref
     else:
         target = recipe.tokenizer_source
-    target_model = models.get(target, "tokenizer_source" if target != template_ref else None)
+    key = "tokenizer" if recipe.tokenizer is not None else "tokenizer_source"
+    target_model = models.get(target, f"{key}.source" if recipe.tokenizer is not None else key)
     involved = {ref: models.get(ref, None) for ref in {*vocab_models, target}}
+    block = recipe.tokenizer
     try:
-        return plan_vocabulary(recipe.tokenizer_source, target_model.ref,
-                               {ref: model.path for ref, model in involved.items()},
-                               {ref: model.embedding_rows for ref, model in involved.items()}, vocab_models)
+        vocabulary = plan_vocabulary(recipe.tokenizer_source, target_model.ref,
+                                     {ref: model.path for ref, model in involved.items()},
+                                     {ref: model.embedding_rows for ref, model in involved.items()}, vocab_models,
+                                     block=block is not None, tokens=block.tokens if block else None,
+                                     pad_to_multiple_of=block.pad_to_multiple_of if block else None)
     except (VocabularyError, OSError, ValueError) as error:
-        fail(str(error), key="tokenizer_source", allowed="base, union or a model reference")
+        fail(str(error), key=key, allowed="base, union or a model reference" if block is None else None)
+    if block is not None:  # mergekit takes a token's row only from a model that feeds the same tensor
+        for task in tasks:
+            if not is_vocab_tensor(task.name):
+                continue
+            readers = {tensor_input.model for tensor_input in task.reads()}
+            for token, setting in block.tokens.items():
+                if setting.source_model is not None and setting.source_model not in readers:
+                    fail(f"{setting.source_model} does not feed {task.name} (made from {', '.join(sorted(readers))})",
+                         key=f"tokenizer.tokens.{token}.source")
+    return vocabulary
+
+
+def _chat_template(recipe: Recipe, vocabulary: VocabularyPlan, models: _ModelAccess,
+                   fail) -> tuple[str | None, str]:
+    """The recipe's chat_template resolved to a text (mergekit's `auto`: among the base and the merged models)."""
+    if recipe.chat_template is None:
+        return None, ""
+    tokenizer_model = models.get(vocabulary.tokenizer_model, None)
+    if not has_tokenizer(tokenizer_model.path):
+        fail(f"the output tokenizer comes from {tokenizer_model.ref}, which has no tokenizer files to carry a chat "
+             "template", key="chat_template", allowed="a tokenizer_source with a tokenizer")
+    refs = [recipe.base_model] if recipe.base_model else []
+    refs += [m.model for m in recipe.models or []]
+    refs += [s.model for slice_ in recipe.slices or [] for s in slice_.sources]
+    refs = list(dict.fromkeys(refs))
+    try:
+        return resolve_chat_template(recipe.chat_template, [models.get(ref, None).path for ref in refs])
+    except (ValueError, OSError) as error:
+        fail(str(error), key="chat_template")
 
 
 def _with_shape(task: TensorTask, vocabulary: VocabularyPlan, models: _ModelAccess, key: str,

@@ -8,7 +8,8 @@ list of sources with a ``layer_range``; slices are stacked in order), a ``merge_
 Parameters can be given at four levels; the most specific one that has a value for a tensor wins (mergekit's order):
 per source (``slices[i].sources[j].parameters`` or ``models[j].parameters``), per slice, and recipe-wide. Each value is
 a scalar, a *gradient* (a list of numbers interpolated piecewise-linearly across the layers of a slice: layer i of n
-sits at position i/(n-1)), or a list of ``{filter, value}`` entries. For a tensor, the first entry whose ``filter`` is
+sits at position i/(n-1), a one-layer slice at 1; the tensors outside the layers, embeddings, final norm and LM head,
+sit at 0 and take a gradient's first value, as in mergekit), or a list of ``{filter, value}`` entries. For a tensor, the first entry whose ``filter`` is
 a substring of the output tensor name wins; the entry without a filter (or with ``filter: "*"``) is the fallback
 wherever it is written. When nothing matches at one level, the next level is asked.
 
@@ -21,6 +22,13 @@ The reference's slice format (``merging_method: {METHOD: {PARAM: [{filter, value
 ``density`` 1 - r, linear's ``weights`` list is split over the sources, ``slerp_t`` becomes ``t`` with the first
 source as the slerp base, and every source of a task-arithmetic or TIES slice gets weight 1.
 
+The output vocabulary is ``tokenizer_source`` (base, union or a model) or mergekit's ``tokenizer:`` block
+(:class:`TokenizerBlock`, see :mod:`auto_merge.merge.tokenizer`); ``chat_template`` (a name, ``auto`` or a Jinja
+template) replaces the output tokenizer's template.
+
+A file may hold several YAML documents (mergekit-multi, :func:`load_stages`): each a recipe with a ``name``, at most
+one unnamed (the final merge); a stage's name used as a model means that stage's output.
+
 Errors are :class:`RecipeError` (a ValueError) naming the recipe file and key path and the allowed values, raised
 before any model is read.
 """
@@ -29,15 +37,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from auto_merge.errors import AutoMergeError
 from auto_merge.merge.methods import get_method, list_methods
+from auto_merge.merge.tokenizer import CHAT_TEMPLATES, chat_template_kind
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32",
@@ -53,10 +64,7 @@ OUTPUT_SCALE = "output_scale"
 # Keys of the mergekit schema this version does not implement: rejected with a message rather than ignored.
 UNSUPPORTED_KEYS = {
     "modules": "multi-module (e.g. vision-language) merges",
-    "tokenizer": "the `tokenizer:` block (use tokenizer_source)",
-    "chat_template": "chat_template (the tokenizer source's template is copied)",
     "out_path": "out_path (give the output folder on the command line)",
-    "name": "named stages of mergekit-multi files (give one recipe per file)",
 }
 UNSUPPORTED_SLICE_KEYS = {"residual_weight": "residual_weight"}
 REFERENCE_METHOD_PARAMS = {
@@ -242,6 +250,110 @@ class Slice(_Strict):
         return self.sources[0].length
 
 
+class ModelTokenSource(BaseModel):
+    """A token's embedding taken from another token of a model: ``{kind: model_token, model, token | token_id}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = Field(default=None, ge=0)
+    token: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token and token_id")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """A token's embedding set to zeros: ``{kind: zero}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["zero"]
+
+
+class TokenSetting(BaseModel):
+    """How one token's embedding rows are made (mergekit's ``tokenizer.tokens.TOKEN``): ``source`` a model (its row
+    of that token), a model's other token, or zeros; ``force`` also replaces the rows of models that have the token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Any
+    force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source_kind(cls, value):
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, Mapping):
+            kind = value.get("kind")
+            model = {"model_token": ModelTokenSource, "zero": ZeroSource}.get(kind)
+            if model is not None:
+                try:
+                    return model.model_validate(value)
+                except ValidationError as error:
+                    first = error.errors()[0]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") \
+                        from None
+        raise ValueError(f"{value!r} is not a token source; allowed: a model reference, "
+                         "{kind: model_token, model, token | token_id} or {kind: zero}")
+
+    @property
+    def source_model(self) -> str | None:
+        if isinstance(self.source, str):
+            return self.source
+        return self.source.model if isinstance(self.source, ModelTokenSource) else None
+
+
+class TokenizerBlock(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary's ``source`` (base, union or a model; default union),
+    per-token embedding sources (``tokens``; tokens the vocabulary lacks are added) and ``pad_to_multiple_of``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = "union"
+    tokens: dict[str, TokenSetting] = Field(default_factory=dict)
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, value):
+        if not value:
+            raise ValueError("must not be empty; allowed: base, union or a model reference")
+        return value
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens_mapping(cls, value):
+        if value is None:
+            return {}
+        if isinstance(value, Mapping) and not all(isinstance(token, str) and token for token in value):
+            raise ValueError("token keys are non-empty strings")
+        return value
+
+    def to_dict(self, name=lambda ref: ref) -> dict:
+        data: dict[str, Any] = {"source": self.source if self.source in TOKENIZER_MODES else name(self.source)}
+        if self.tokens:
+            data["tokens"] = {}
+            for token, setting in self.tokens.items():
+                source = setting.source
+                if isinstance(source, str):
+                    source = name(source)
+                else:
+                    source = source.model_dump(exclude_none=True)
+                    if "model" in source:
+                        source["model"] = name(source["model"])
+                data["tokens"][token] = {"source": source, **({"force": True} if setting.force else {})}
+        if self.pad_to_multiple_of is not None:
+            data["pad_to_multiple_of"] = self.pad_to_multiple_of
+        return data
+
+
 class Recipe(_Strict):
     """A merge: ``models`` or ``slices``, the method(s), base model, parameters, output dtype and tokenizer."""
 
@@ -252,7 +364,28 @@ class Recipe(_Strict):
     parameters: Parameters = Field(default_factory=dict)
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: str = "base"
+    tokenizer_source: str = "base"  # with a `tokenizer` block: its source
+    tokenizer: Optional[TokenizerBlock] = None
+    chat_template: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _block_source(cls, data):
+        if isinstance(data, Mapping) and isinstance(data.get("tokenizer"), Mapping):
+            if "tokenizer_source" in data and data["tokenizer_source"] != data["tokenizer"].get("source", "union"):
+                raise ValueError("give tokenizer_source or a tokenizer block, not both")
+            data = {**data, "tokenizer_source": data["tokenizer"].get("source", "union")}
+        return data
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value):
+        if value is not None:
+            try:
+                chat_template_kind(value)
+            except ValueError as error:
+                raise ValueError(f"{error}; allowed: auto, {', '.join(CHAT_TEMPLATES)} or a Jinja template") from None
+        return value
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -300,6 +433,8 @@ class Recipe(_Strict):
                 add(source.model)
         if self.tokenizer_source not in TOKENIZER_MODES:
             add(self.tokenizer_source)
+        for setting in (self.tokenizer.tokens.values() if self.tokenizer else ()):
+            add(setting.source_model)
         return refs
 
     def to_dict(self) -> dict:
@@ -319,8 +454,12 @@ class Recipe(_Strict):
             data["dtype"] = self.dtype
         if self.out_dtype:
             data["out_dtype"] = self.out_dtype
-        if self.tokenizer_source != "base":
+        if self.tokenizer is not None:
+            data["tokenizer"] = self.tokenizer.to_dict()
+        elif self.tokenizer_source != "base":
             data["tokenizer_source"] = self.tokenizer_source
+        if self.chat_template is not None:
+            data["chat_template"] = self.chat_template
         return data
 
     def to_yaml(self) -> str:
@@ -384,21 +523,138 @@ def dump_yaml(data: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------- reading
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe YAML file (mergekit schema or the reference's slice format)."""
-    path = Path(path)
+    """Read and validate a one-recipe YAML file (mergekit schema or the reference's slice format). A file of several
+    stages (mergekit-multi) is read with :func:`load_stages`."""
     source = str(path)
+    documents = _read_documents(path)
+    if len(documents) != 1:
+        raise RecipeError(f"expected one YAML document, found {len(documents)}"
+                          + (" (a mergekit-multi file of stages: `auto-merge merge` runs it, load_stages reads it)"
+                             if len(documents) > 1 else ""), source=source)
+    document = documents[0]
+    if isinstance(document, Mapping) and "name" in document:  # a one-stage mergekit-multi file
+        _stage_name(document["name"], source)
+        document = {key: value for key, value in document.items() if key != "name"}
+    return parse_recipe(document, source=source)
+
+
+def _read_documents(path: str | Path) -> list:
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise RecipeError(f"cannot read the recipe: {error}", source=source) from None
+        raise RecipeError(f"cannot read the recipe: {error}", source=str(path)) from None
     try:
-        documents = [document for document in yaml.safe_load_all(text) if document is not None]
+        return [document for document in yaml.safe_load_all(text) if document is not None]
     except yaml.YAMLError as error:
-        raise RecipeError(f"not valid YAML: {error}", source=source) from None
-    if len(documents) != 1:
-        raise RecipeError(f"expected one YAML document, found {len(documents)} (multi-stage mergekit-multi files "
-                          "are not supported: run one recipe per stage)", source=source)
-    return parse_recipe(documents[0], source=source)
+        raise RecipeError(f"not valid YAML: {error}", source=str(path)) from None
+
+
+# A stage's name becomes the name of its folder.
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass(frozen=True)
+class RecipeStage:
+    """One document of a mergekit-multi file: its ``name`` (None for the unnamed final merge), its recipe, its
+    document number (0-based) and the names of the earlier stages whose outputs it merges."""
+
+    name: str | None
+    recipe: Recipe
+    document: int
+    uses: tuple[str, ...] = ()
+    final: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.name!r}" if self.name else "the final merge"
+
+
+def load_stages(path: str | Path) -> list[RecipeStage]:
+    """Read a recipe file of one or more YAML documents (mergekit-multi): each document a recipe with a ``name``, at
+    most one without (the final merge). A model reference equal to a stage's name means that stage's output. The
+    final merge is the unnamed document, else the last document no other stage uses. Returns the stages in the order to run them: each after
+    the stages it uses, otherwise in file order, the final merge last. Errors name the document and the key."""
+    source = str(path)
+    documents = _read_documents(path)
+    if not documents:
+        raise RecipeError("the file holds no recipe", source=source)
+    names: list[str | None] = []
+    for index, document in enumerate(documents):
+        where = f"{source} (document {index + 1})" if len(documents) > 1 else source
+        if not isinstance(document, Mapping):
+            raise RecipeError(f"a recipe is a mapping, got {type(document).__name__}", source=where)
+        name = _stage_name(document["name"], where) if "name" in document else None
+        if name is not None and name in names:
+            raise RecipeError(f"stage {name!r} is defined twice (documents {names.index(name) + 1} and {index + 1})",
+                              source=where, key="name", allowed="a name per stage")
+        if name is None and None in names:
+            raise RecipeError(f"documents {names.index(None) + 1} and {index + 1} both have no name; only the final "
+                              "merge may be unnamed", source=where, key="name", allowed="a name per stage")
+        names.append(name)
+    parsed = []
+    for index, document in enumerate(documents):
+        where = f"{source} (document {index + 1})" if len(documents) > 1 else source
+        data = {key: value for key, value in document.items() if key != "name"}
+        recipe = parse_recipe(data, source=where)
+        uses = tuple(ref for ref in recipe.model_refs() if ref in names and ref is not None)
+        if names[index] in uses:
+            raise RecipeError(f"stage {names[index]!r} merges its own output", source=where, key="name")
+        parsed.append((recipe, uses))
+    used = {name for _, uses in parsed for name in uses}
+    final_index = names.index(None) if None in names else max(i for i, name in enumerate(names) if name not in used
+                                                              ) if set(names) - used else len(names) - 1
+    stages = [RecipeStage(names[index], recipe, index, uses, final=index == final_index)
+              for index, (recipe, uses) in enumerate(parsed)]
+    return _stage_order(stages, source)
+
+
+def _stage_name(value: Any, source: str) -> str:
+    if not isinstance(value, str) or not STAGE_NAME.fullmatch(value):
+        raise RecipeError(f"{value!r} is not a stage name (it names the stage's folder)", source=source, key="name",
+                          allowed="letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return value
+
+
+def _stage_order(stages: list[RecipeStage], source: str) -> list[RecipeStage]:
+    """Each stage after the stages it uses, otherwise in file order; the final merge last."""
+    done: list[RecipeStage] = []
+    names_done: set[str] = set()
+    pending = [stage for stage in stages if not stage.final] + [stage for stage in stages if stage.final]
+    while pending:
+        ready = next((stage for stage in pending if set(stage.uses) <= names_done), None)
+        if ready is None:
+            cycle = ", ".join(repr(stage.name) for stage in pending)
+            raise RecipeError(f"the stages {cycle} use each other's outputs in a cycle", source=source)
+        pending.remove(ready)
+        done.append(ready)
+        if ready.name is not None:
+            names_done.add(ready.name)
+    return done
+
+
+def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
+    """The recipe with model references replaced as ``names`` says (stage names → their output folders)."""
+    if not any(ref in names for ref in recipe.model_refs()):
+        return recipe
+    data = recipe.to_dict()
+
+    def swap(holder: dict, key: str) -> None:
+        if holder.get(key) in names:
+            holder[key] = names[holder[key]]
+
+    swap(data, "base_model")
+    for entry in data.get("models", []):
+        swap(entry, "model")
+    for slice_ in data.get("slices", []):
+        swap(slice_, "base_model")
+        for source_ in slice_["sources"]:
+            swap(source_, "model")
+    if data.get("tokenizer_source") not in (None, *TOKENIZER_MODES):
+        swap(data, "tokenizer_source")
+    if recipe.tokenizer is not None:
+        data["tokenizer"] = recipe.tokenizer.to_dict(lambda ref: names.get(ref, ref))
+    return parse_recipe(data)
 
 
 def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
@@ -417,6 +673,9 @@ def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
                 if key in slice_:
                     raise RecipeError(f"{what} is not supported by this version", source=source,
                                       key=f"slices[{index}].{key}")
+    if "tokenizer" in data and "tokenizer_source" in data:
+        raise RecipeError("give tokenizer_source or a tokenizer block (with its source), not both", source=source,
+                          key="tokenizer")
     if _is_reference_format(data):
         data = _from_reference(data, source)
     try:
@@ -444,6 +703,8 @@ def _from_validation_error(error: ValidationError, source: str | None) -> Recipe
 def _allowed_keys(parent: tuple) -> str:
     names = [part for part in parent if isinstance(part, str)]
     last = names[-1] if names else None
+    if names[:1] == ["tokenizer"]:
+        return ", ".join({1: TokenizerBlock, 3: TokenSetting}.get(len(names), ModelTokenSource).model_fields)
     if last is None:
         model = Recipe
     elif last == "models":
@@ -713,16 +974,21 @@ class MergekitExportError(RecipeError):
     """A recipe that mergekit cannot reproduce (a method or parameter value it does not have)."""
 
 
+_FROM_RECIPE = object()
+
+
 def to_mergekit_yaml(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
-                     out_dtype: str | None = None) -> str:
+                     out_dtype: str | None = None, chat_template: Any = _FROM_RECIPE) -> str:
     """The recipe as mergekit YAML, for `mergekit-yaml` (or `mergekit-multi` when slices use different methods).
 
     ``model_names`` replaces model references mergekit cannot resolve (``zoo:NAME``) with folders. Merges are
     exported with ``dtype: float32`` (this engine computes in fp32) and the output dtype as ``out_dtype``. Slices with
     their own methods become one mergekit stage per slice plus a final passthrough stage that stacks them; mergekit's
-    rule for embeddings (first slice) and head (last slice) makes that stacking exact.
+    rule for embeddings (first slice) and head (last slice) makes that stacking exact. ``chat_template``: the template
+    ``chat_template: auto`` resolved to (None: none found), written into the last stage of a multi-stage export, whose
+    own models are the stages.
     """
-    documents = to_mergekit(recipe, model_names=model_names, out_dtype=out_dtype)
+    documents = to_mergekit(recipe, model_names=model_names, out_dtype=out_dtype, chat_template=chat_template)
     header = ""
     if len(documents) > 1:
         header = ("# Slices use different merge methods: run with `mergekit-multi THIS_FILE --intermediate-dir DIR "
@@ -731,7 +997,7 @@ def to_mergekit_yaml(recipe: Recipe, *, model_names: Mapping[str, str] | None = 
 
 
 def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
-                out_dtype: str | None = None) -> list[dict]:
+                out_dtype: str | None = None, chat_template: Any = _FROM_RECIPE) -> list[dict]:
     names = dict(model_names or {})
 
     def name(ref: str) -> str:
@@ -770,6 +1036,9 @@ def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
         _add_common(document, recipe, recipe.parameters, shared_base is not None, name, common)
         return [document]
 
+    if recipe.tokenizer is not None:
+        raise MergekitExportError("a tokenizer block cannot be split into per-slice mergekit stages",
+                                  key="tokenizer", allowed="tokenizer_source: base or a model reference")
     if recipe.tokenizer_source == "union":
         raise MergekitExportError("a union tokenizer cannot be split into per-slice mergekit stages",
                                   key="tokenizer_source", allowed="base or a model reference")
@@ -795,6 +1064,15 @@ def to_mergekit(recipe: Recipe, *, model_names: Mapping[str, str] | None = None,
         documents.append(document)
         final_sources.append({"sources": [{"model": stage, "layer_range": [0, recipe.slices[index].length]}]})
     final = {"merge_method": "passthrough", "slices": final_sources, **common, "tokenizer_source": "slice-0"}
+    if recipe.chat_template == "auto":  # the final stage's models are the stages: give it what auto chose
+        if chat_template is _FROM_RECIPE:
+            raise MergekitExportError("chat_template auto chooses among the merged models, which a stage-wise export "
+                                      "hides from its last stage", key="chat_template",
+                                      allowed="a template name or text")
+        if chat_template is not None:
+            final["chat_template"] = chat_template
+    elif recipe.chat_template is not None:
+        final["chat_template"] = recipe.chat_template
     documents.append(final)
     return documents
 
@@ -804,13 +1082,17 @@ def _add_common(document: dict, recipe: Recipe, parameters: Parameters, has_base
     if exported:
         document["parameters"] = exported
     document.update(common)
-    if recipe.tokenizer_source == "union":
+    if recipe.tokenizer is not None:
+        document["tokenizer"] = recipe.tokenizer.to_dict(name)
+    elif recipe.tokenizer_source == "union":
         document["tokenizer_source"] = "union"
     elif recipe.tokenizer_source == "base":
         # mergekit's default tokenizer donor depends on set order; name it explicitly.
         document["tokenizer_source"] = "base" if has_base else name(_first_model_ref(recipe))
     else:
         document["tokenizer_source"] = name(recipe.tokenizer_source)
+    if recipe.chat_template is not None:
+        document["chat_template"] = recipe.chat_template
 
 
 def _first_model_ref(recipe: Recipe) -> str:

@@ -195,6 +195,19 @@ class ModelInfo:
         return model_depth(self.config)
 
 
+def has_chat_template(path: str | Path) -> bool:
+    """Whether the tokenizer in a model folder carries a chat template (in tokenizer_config.json or as the
+    chat_template.jinja / chat_template.json file transformers also reads)."""
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))
+
+
 def inspect_model(reference: str, path: str | Path, *, allow_pickle: bool = False) -> ModelInfo:
     """Config and tensor names of the model folder `path` (headers only)."""
     path = Path(path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from auto_merge.errors import AutoMergeError
+from auto_merge.models.gguf import is_gguf_reference
 
 ZOO_PREFIX = "zoo:"
 
@@ -47,6 +48,8 @@ def resolve_model_ref(
     if current.startswith(ZOO_PREFIX):
         return _resolve_zoo(current[len(ZOO_PREFIX):], zoo_seed=zoo_seed, cache_dir=cache_dir, build=build_zoo,
                             via=via)
+    if is_gguf_reference(current):
+        return _resolve_gguf(current, search_dirs, cache_dir, via)
     local = _find_local_folder(current, search_dirs)
     if local is not None:
         return local
@@ -74,6 +77,18 @@ def _resolve_zoo(name: str, *, zoo_seed: int, cache_dir, build: bool, via: str) 
         raise ModelResolutionError(f"zoo model {name!r}{via} (seed {zoo_seed}) is not built (expected {path}); "
                                    f"build it with `auto-merge zoo build --seed {zoo_seed}`")
     return path
+
+
+def _resolve_gguf(ref: str, search_dirs: Sequence[str | os.PathLike], cache_dir, via: str) -> Path:
+    from auto_merge.models.gguf import gguf_model_folder
+
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() else [Path(folder) / path for folder in [*search_dirs, Path.cwd()]]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is None:
+        raise ModelResolutionError(f"model {ref!r}{via}: no such GGUF file (looked in "
+                                   f"{', '.join(str(c.parent) for c in candidates)})")
+    return gguf_model_folder(found, cache_dir)
 
 
 def _find_local_folder(ref: str, search_dirs: Sequence[str | os.PathLike]) -> Path | None:

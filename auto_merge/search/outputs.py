@@ -67,6 +67,7 @@ class TrialRecorder(Callback):
         self._logged_earlier = Counter(trial_key(r) for r in self.records)
         self.best = max((r["score"] for r in self.records if r.get("score") is not None), default=None)
         self.progress.update(len(self.records), None, self.best)
+        self._last_told = time.monotonic()
 
     @property
     def completed(self) -> int:
@@ -96,12 +97,16 @@ class TrialRecorder(Callback):
             "cached_examples": extra.get("cached_examples"),
             "merge_seconds": extra.get("merge_seconds"),
             "eval_seconds": extra.get("eval_seconds"),
-            "seconds": value.time,
+            "seconds": value.time,  # inside the trial function: merge + evaluation
+            # Wall time since the previous result (or the start): also SMAC's own work, scheduling and model loading.
+            "since_previous_seconds": round(time.monotonic() - self._last_told, 3),
             "worker_pid": extra.get("worker_pid"),
             "error": extra.get("error") or _default_error(status),
             "traceback": extra.get("traceback"),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "finished_unix": round(time.time(), 3),
         }
+        self._last_told = time.monotonic()
         if self._logged_earlier[trial_key(record)]:
             self._logged_earlier[trial_key(record)] -= 1
             self.progress.update(len(self.records), info.budget, self.best)

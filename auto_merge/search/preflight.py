@@ -25,6 +25,7 @@ def check_evaluation(config) -> None:
     from auto_merge.evaluation.lm_eval_runner import TaskConfigError, TaskSuite
 
     settings = config.global_params.evaluation
+    _check_backend(config, settings)
     if settings.device and settings.device.startswith("cuda"):
         import torch
 
@@ -50,6 +51,29 @@ def check_evaluation(config) -> None:
             continue
         _check_metric(config, index, task, leaf)
         _check_documents_render(config, index, task.task, leaf)
+
+
+def _check_backend(config, settings) -> None:
+    """Every evaluation key is honoured or refused, never silently ignored."""
+    key = ("global_params", "evaluation")
+    if settings.vllm:
+        raise config_error(config, key + ("vllm",), "the vLLM evaluation backend is not in this version yet; "
+                           "candidates are scored with transformers (HFLM)", "false")
+    if not settings.in_memory:
+        raise config_error(config, key + ("in_memory",), "writing every candidate to disk before evaluating it is "
+                           "not supported: candidates are evaluated in memory, with the same scores", "true")
+    if settings.fewshot_as_multiturn and not settings.apply_chat_template:
+        raise config_error(config, key + ("fewshot_as_multiturn",), "few-shot examples as turns need the chat "
+                           "template", "false, or apply_chat_template: true")
+    if settings.apply_chat_template:
+        from auto_merge.models.inspect import has_chat_template
+
+        base = getattr(config.selected, "base_model", None)
+        folder = config.model_paths.get(base) if base is not None else None
+        if folder is not None and not has_chat_template(folder):
+            raise config_error(config, key + ("apply_chat_template",), f"the base model {base!r} (whose tokenizer "
+                               "the merged models use) has no chat template", "false, or a base model whose "
+                               "tokenizer has one")
 
 
 def _check_metric(config, index: int, task, leaf) -> None:

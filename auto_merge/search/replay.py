@@ -141,10 +141,11 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
                                                                             else ""), departures)] if reference else ())
     report = {"out_dir": str(result.out_dir), "recipe": recipe, "departures": departures}
     if evaluate:
-        from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, load_checkpoint, resolve_device
+        from auto_merge.evaluation.lm_eval_runner import ChatFormat, LiveEvaluator, load_checkpoint, resolve_device
 
         dtype = settings.torch_dtype if settings.torch_dtype != "auto" else "float32"  # as the search's trials
         model, tokenizer = load_checkpoint(out_dir, dtype=dtype, device=resolve_device(settings.device))
-        results = LiveEvaluator(model, tokenizer, suite, batch_size=settings.batch_size).evaluate(limit=None)
+        results = LiveEvaluator(model, tokenizer, suite, batch_size=settings.batch_size,
+                                chat=ChatFormat.from_settings(settings)).evaluate(limit=None)
         report["scores"] = {t.task: results[t.task][t.metric] for t in settings.tasks}
     return report
