@@ -226,3 +226,12 @@ def test_reference_import_rejects_a_file_for_other_models():
     flat = json.loads((REFERENCE_SEARCH / "lfs" / "single-obj" / "lm-lfs.json").read_text())
     with pytest.raises(StrategyError, match="not among the configured models"):
         import_reference_lfs(flat, strategy)
+
+
+def test_config_validation_and_the_lfs_strategy_agree_on_the_searchable_methods():
+    from auto_merge.config.schema import LFS_METHODS
+    from auto_merge.merge import list_methods
+    from auto_merge.strategies.lfs import SEARCHED
+
+    assert set(LFS_METHODS) == set(SEARCHED)
+    assert set(SEARCHED) <= set(list_methods())

@@ -2,7 +2,7 @@
 
 Only the selected strategy's models are resolved. Architecture rule: every model must match the base model in
 `model_type`, `architectures`, hidden size, attention heads, key/value heads, head size and intermediate size.
-`vocab_size` may differ (added tokens are aligned at merge time, reference.md §9), and so may everything else
+`vocab_size` may differ (added tokens are aligned at merge time), and so may everything else
 (rope settings, dtype, ...). Depth rules depend on the strategy: lfs, lfs_multiobj and normal_models need equal
 depths, dis and prune need `num_hidden_layers` to be the real depth, normal_slices needs each layer range to fit.
 """

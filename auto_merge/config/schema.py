@@ -1,5 +1,5 @@
 """Typed schema of an experiment config (pydantic v2), mirroring the reference's `exp_config/*.yaml`
-(`/work/shared/design/reference.md` §2–§4) plus a few new keys, each documented in its field description.
+(docs/reference_format.md) plus a few new keys, each documented in its field description.
 
 Unknown keys are errors everywhere except inside an evaluation task entry, where a documented allow-list of lm-eval
 task-config overrides is accepted. Every block in `strategies` is type-checked; only the selected one must also be
@@ -30,8 +30,14 @@ MERGE_METHODS: tuple[str, ...] = (
     "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "karcher", "sce", "passthrough",
     "fourier", "nearswap", "ram", "ramplus_tl", "arcee_fusion",
 )
-# LFS merges every expert in each layer group; passthrough takes exactly one source, so it cannot be a choice there.
-LFS_METHODS: tuple[str, ...] = tuple(method for method in MERGE_METHODS if method != "passthrough")
+# The methods LFS can search (strategies/lfs.py SEARCHED; tests/test_strategies.py keeps the two equal). LFS merges
+# every expert in each layer group (slerp: a searched pair of them), so passthrough is not among them, and nuslerp
+# (exactly two experts, weighted) is not searched.
+LFS_METHODS: tuple[str, ...] = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear", "slerp", "fourier", "multislerp", "sce", "model_stock", "karcher", "ram", "ramplus_tl",
+    "nearswap", "arcee_fusion",
+)
 
 # How many sources (experts, base not counted) each method accepts: (minimum, maximum or None). Must match the
 # engine's registry too.
@@ -417,8 +423,9 @@ def _check_method_ranges(ranges: MethodRanges, allowed_methods: tuple[str, ...])
                             f"{_join(allowed_methods)}"))
     for method, params in ranges.items():
         if method not in allowed_methods:
-            issues.append(Issue((method,), f"unknown merge method {method!r}",
-                                _join(allowed_methods), about_key=True))
+            problem = (f"method {method!r} cannot be searched here" if method in MERGE_METHODS
+                       else f"unknown merge method {method!r}")
+            issues.append(Issue((method,), problem, _join(allowed_methods), about_key=True))
             continue
         searchable = searchable_parameters(method)
         for param, interval in (params or {}).items():
@@ -615,6 +622,16 @@ class LfsBlock(SearchSettings):
         _raise_issues(_check_method_ranges(ranges, LFS_METHODS))
         return ranges
 
+    @model_validator(mode="after")
+    def _check_expert_counts(self):
+        """Each method must accept every expert at once (slerp picks a searched pair)."""
+        issues = []
+        for method in self.merging_method:
+            if method in LFS_METHODS and method not in ("slerp", "nuslerp"):
+                issues += _check_source_count(method, len(self.models), ("merging_method", method), "expert")
+        _raise_issues(issues)
+        return self
+
     @field_validator("filters")
     @classmethod
     def _check_filters(cls, filters: list[str]) -> list[str]:
@@ -809,7 +826,7 @@ class SliceSource(LayerSpan):
 
 
 class Slice(StrictModel):
-    """A run of output layers merged from equally long layer ranges of its sources (reference.md §3)."""
+    """A run of output layers merged from equally long layer ranges of its sources (docs/reference_format.md)."""
 
     sources: list[SliceSource] = Field(min_length=1, description="Sources with equally long layer ranges")
     target: LayerSpan | None = Field(None, description="Where the task-vector base layers are read from")
@@ -853,7 +870,7 @@ class NormalSlicesBlock(StrictModel):
     """A given list of slices (`normal_slices`), merged and evaluated once."""
 
     base_model: str = Field(min_length=1, description=f"Base of the task vectors: {_MODEL_REFERENCE}")
-    slices: list[Slice] = Field(min_length=1, description="Slices stacked in order (reference.md §3)")
+    slices: list[Slice] = Field(min_length=1, description="Slices stacked in order (docs/reference_format.md)")
 
     def runnable_issues(self) -> list[Issue]:
         return [Issue(("slices", index) + issue.subpath, issue.message, issue.allowed)

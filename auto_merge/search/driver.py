@@ -21,10 +21,9 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-from auto_merge.errors import AutoMergeError
+from auto_merge.search.results import SearchError, SearchResult  # noqa: F401  (SearchError: re-exported)
 from auto_merge.search.run_folder import claim_run
 from auto_merge.search.smac_state import atomic_state_writes
 from auto_merge.search.trial import TrialSpec, TrialTarget
@@ -34,18 +33,6 @@ TRIALS_LOG = "trials.jsonl"
 MULTI_FIDELITY = ("hyperband", "successive_halving")
 CRASH_COST = 1.0  # every task cost is in [0, 1] (1 - score), so a failed trial counts as the worst possible
 
-
-class SearchError(AutoMergeError, RuntimeError):
-    """A problem with the run itself (not one trial): printed without a traceback by the CLI."""
-
-
-@dataclass
-class SearchResult:
-    run_dir: Path
-    best_configs: list[Path]
-    best_model: Path | None
-    final_scores: dict
-    plots: list[Path]
 
 
 def hyperband_round(min_budget: float, max_budget: float, eta: int) -> list[tuple[int, float]]:

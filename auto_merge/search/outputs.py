@@ -24,6 +24,7 @@ from pathlib import Path
 
 from smac.callback import Callback
 
+from auto_merge.search.results import SearchError, SearchResult
 from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
 
 SEARCH_CONFIG_FORMAT = "auto-merge/search-config/1"
@@ -155,8 +156,6 @@ def read_trials(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines):  # no newline after it: the write was cut short
                 break
-            from auto_merge.search.driver import SearchError
-
             raise SearchError(f"{path}:{number} is not a JSON trial record; the file was edited or damaged "
                               f"(remove that line to resume, or rerun with --overwrite)") from None
     return records
@@ -209,7 +208,6 @@ def _config_key(configuration: dict) -> str:
 def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[str, ...], *, write_model: bool):
     """Export the winner(s), score them and the experts at the full budget, write the model and the plots."""
     from auto_merge.output_dirs import write_json_atomic
-    from auto_merge.search.driver import SearchError, SearchResult
     from auto_merge.search.final_scoring import FinalScoring
     from auto_merge.search.trial import runner_for
 

@@ -77,6 +77,14 @@ SEARCHED: dict[str, tuple[SearchedParam, ...]] = {
     "slerp": (SearchedParam("t", False, ("t", "slerp_t"), (0.0, 1.0)),),
     "fourier": (SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 1.5)),),
     "multislerp": (SearchedParam("weight", True, ("weight",), (0.0, 1.0)),),
+    "sce": (SearchedParam("select_topk", False, ("select_topk",), (0.1, 1.0)),),
+    "model_stock": (),
+    "karcher": (),
+    "ram": (SearchedParam("epsilon", False, ("epsilon",), (0.0, 0.01)),),
+    "ramplus_tl": (SearchedParam("r", False, ("r",), (0.0, 1.0)), SearchedParam("alpha", False, ("alpha",), (0.0, 1.0))),
+    # one expert merged into the base: LFS blocks with a single expert (config validation says so otherwise)
+    "nearswap": (SearchedParam("t", False, ("t",), (0.0, 0.01)),),
+    "arcee_fusion": (),
 }
 # Methods whose experts all get weight 1 (their strength is lambda, and density trims).
 UNIT_WEIGHT_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",

@@ -4,7 +4,7 @@ This module only translates: a validated config block (`NormalModelsBlock` or `N
 `auto_merge.config.schema`) in, a merge recipe (plain data in the engine's schema, `auto_merge.merge.recipe`) out. It
 knows model references, never how tensors are loaded; `auto_merge.search.oneshot` runs the recipe.
 
-The blocks use the reference implementation's spelling (`/work/shared/design/reference.md` §2-§4.5); the recipe uses
+The blocks use the reference implementation's spelling (docs/reference_format.md); the recipe uses
 the engine's:
 
 - `normal_models` → a `models:` recipe (every layer of every model) with `merge_method` and recipe-wide parameters;

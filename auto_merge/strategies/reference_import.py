@@ -1,6 +1,6 @@
 """Import of the reference implementation's published LFS configurations (flat SMAC JSON) into this project's space.
 
-The reference's keys embed model ids and parameter-set names (reference.md §7); its decoder (§4.1) gives a linear
+The reference's keys embed model ids and parameter-set names (docs/reference_format.md); its decoder gives a linear
 group normalised per-model weights, a task-arithmetic group one λ per parameter set over all experts, a TIES group one
 mask rate and one λ per parameter set, and a slerp group the two experts with the largest summed `slerp_t`, with
 t = e^{t2} / (e^{t1} + e^{t2}) from the first (t1) to the runner-up (t2). Each maps onto this project's LFS space:

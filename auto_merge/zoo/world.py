@@ -8,7 +8,7 @@ Skills (each an exact-match generation task; `col` also has a multiple-choice fo
 The base model learns half of the facts of ``num`` and ``col`` and reversal of short strings only; each expert learns
 its whole skill. So the base is partially competent everywhere and each expert adds one sub-skill: the setting where
 merging experts pays. Partiality comes from fewer facts or shorter strings, never from unseen symbols (merges of
-experts that must emit tokens the base never emits collapse; see the project's zoo design notes).
+experts that must emit tokens the base never emits collapse; see bench/results/zoo_round3_design.md).
 
 Everything is drawn from ``random.Random(1234 + seed)`` in a fixed order, so a seed defines the world exactly.
 """

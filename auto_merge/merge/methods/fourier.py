@@ -1,6 +1,6 @@
 """FR-Merging (the backbone of FREE-Merging, arXiv 2411.16815): high-pass each task vector with a 2-D FFT, then mix.
 
-This follows the reference code (FREE-Merging ``merge_llm`` ``GTATaskFourier``), design note §11:
+This follows the reference code (FREE-Merging ``merge_llm`` ``GTATaskFourier``):
 
 - Only exactly 2-D task vectors are filtered. Norms, biases and other ranks pass unfiltered.
 - F = FFT2(delta) with no fftshift. d(y, x) is the distance of bin (y, x) from the array centre (floor(H/2),

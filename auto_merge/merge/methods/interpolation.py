@@ -1,5 +1,5 @@
 """Methods that interpolate whole weights or directions: linear, slerp, nuslerp, multislerp, karcher,
-model_stock and passthrough. Section numbers refer to the design note (methods.md)."""
+model_stock and passthrough."""
 
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def nuslerp(inputs: MergeInputs) -> Tensor:
     cross_check=_require_nonzero_weight_sum("normalize_weights"),
 )
 def multislerp(inputs: MergeInputs) -> Tensor:
-    """mergekit multislerp, computed through its closed form (design note §4).
+    """mergekit multislerp, computed through its closed form (mergekit's multislerp.py).
 
     out = normalize(sum_i w_i x_i / (||x_i|| + eps)) * sum_i w_i ||x_i||: a normalized lerp of the directions,
     rescaled by the weighted mean norm. mergekit's tangent-space step is identically zero (sum_i w_i t_i = 0), so the

@@ -358,7 +358,7 @@ def validate_params(
 def common_submatrix(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Truncate tensors of equal rank to their common leading block ``[min rows, min cols, ...]``.
 
-    This is the vocab-size rule of design note §0, meant for embeddings (``embed_tokens``, ``lm_head``) when no
+    This is mergekit's rule for inputs of different vocabulary sizes, meant for embeddings (``embed_tokens``, ``lm_head``) when no
     tokenizer alignment is configured. The method layer does not know which tensors are embeddings, so the engine
     calls this explicitly and logs it. Views are returned and nothing is copied.
     """

@@ -1,4 +1,5 @@
-"""Task-vector methods (design note §7-§9): the generalized task arithmetic (GTA) family and sce.
+"""Task-vector methods: the generalized task arithmetic (GTA) family and sce, with the semantics of mergekit's
+generalized_task_arithmetic.py and sparsify.py.
 
 GTA pipeline, per tensor:
 1. delta_i = x_i - base.
