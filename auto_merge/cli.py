@@ -67,26 +67,22 @@ class UserFacingError(AutoMergeError):
     """A command-line argument that cannot be used: the message is the whole story."""
 
 
-def _count(text: str) -> int:
-    """argparse type of a count that must be at least 1 (a batch size, a number of samples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 1")
-    return value
+def _whole_number(minimum: int):
+    """argparse type of a whole number >= ``minimum`` (a count: 1; a seed: 0, numpy and torch refuse negatives)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= {minimum}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    """argparse type of a seed: a whole number >= 0 (numpy and torch refuse negative seeds)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: give a whole number >= 0")
-    return value
+_count, _seed = _whole_number(1), _whole_number(0)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,9 +58,8 @@ class ChatFormat:
 
     @classmethod
     def from_settings(cls, settings) -> "ChatFormat":
-        """From an EvaluationSettings (or anything with the same attributes)."""
-        return cls(getattr(settings, "apply_chat_template", False), getattr(settings, "system_instruction", None),
-                   getattr(settings, "fewshot_as_multiturn", False))
+        """From an EvaluationSettings."""
+        return cls(settings.apply_chat_template, settings.system_instruction, settings.fewshot_as_multiturn)
 
     def lm_eval_arguments(self) -> dict:
         return {"apply_chat_template": self.apply_chat_template, "system_instruction": self.system_instruction,

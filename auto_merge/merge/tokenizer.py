@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from auto_merge.errors import AutoMergeError
+from auto_merge.models.inspect import CHAT_TEMPLATE_FILE, model_chat_template
 from auto_merge.merge.io import TOKENIZER_FILES, copy_files
 
 UNION = "union"
@@ -506,7 +507,6 @@ CHAT_TEMPLATES = {
         "{% endif %}\n"
         "{% endfor %}\n"),
 }
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def chat_template_kind(value: str) -> str:
@@ -520,28 +520,6 @@ def chat_template_kind(value: str) -> str:
         raise ValueError(f"{value!r} is neither a template name nor a Jinja template (a literal template contains "
                          "'{' and is at least 20 characters long)")
     return "literal"
-
-
-def model_chat_template(folder: Path) -> str | None:
-    """The chat template a tokenizer folder declares: ``chat_template.jinja``, else ``tokenizer_config.json``'s
-    ``chat_template`` (its ``default`` entry when it holds several), else ``chat_template.json``'s."""
-    folder = Path(folder)
-    if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
-    for name in ("tokenizer_config.json", "chat_template.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(template, list):  # [{name, template}, ...]
-            template = next((entry.get("template") for entry in template
-                             if isinstance(entry, dict) and entry.get("name") == "default"), None)
-        if isinstance(template, str) and template:
-            return template
-    return None
 
 
 def resolve_chat_template(value: str, folders: Sequence[Path]) -> tuple[str | None, str]:

@@ -195,17 +195,34 @@ class ModelInfo:
         return model_depth(self.config)
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def model_chat_template(folder: Path) -> str | None:
+    """The chat template a tokenizer folder declares: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (its ``default`` entry when it holds several), else ``chat_template.json``'s."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(template, list):  # [{name, template}, ...]
+            template = next((entry.get("template") for entry in template
+                             if isinstance(entry, dict) and entry.get("name") == "default"), None)
+        if isinstance(template, str) and template:
+            return template
+    return None
+
+
 def has_chat_template(path: str | Path) -> bool:
-    """Whether the tokenizer in a model folder carries a chat template (in tokenizer_config.json or as the
-    chat_template.jinja / chat_template.json file transformers also reads)."""
-    folder = Path(path)
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(isinstance(config, dict) and config.get("chat_template"))
+    """Whether the tokenizer in a model folder carries a chat template."""
+    return model_chat_template(path) is not None
 
 
 def inspect_model(reference: str, path: str | Path, *, allow_pickle: bool = False) -> ModelInfo:
