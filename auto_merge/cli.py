@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="score a checkpoint on lm-eval tasks")
     evaluate.add_argument("--model", required=True, help="model folder, a FREE folder (auto-merge free: each task scored with its own model), "
-                               "a .gguf file, or zoo:NAME (base, num, rev, col)")
+                               "a .gguf file, or zoo:NAME (base, num, col, wrd)")
     evaluate.add_argument("--tasks", required=True, help="comma-separated task names")
     evaluate.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1)")
     evaluate.add_argument("--include-path", action="append", type=Path, default=None,

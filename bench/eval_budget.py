@@ -4,8 +4,8 @@ the model's forward passes, and what the per-document cache saves over a full Hy
     .venv/bin/python bench/eval_budget.py [--eta 3] [--brackets 4] [--trials 5] [--device cpu] [--out FILE.json]
 
 Candidates are random per-layer-group task-arithmetic merges of the zoo's three experts, written into one live model
-in place (as a search does); every trial gets a fresh candidate. The four zoo tasks are scored (zoo_num, zoo_rev,
-zoo_col: generation + exact match; zoo_col_mc: 8-way multiple choice), so the largest task (zoo_rev, 300 documents)
+in place (as a search does); every trial gets a fresh candidate. The four zoo tasks are scored (zoo_num, zoo_wrd,
+zoo_col: generation + exact match; zoo_col_mc: 8-way multiple choice), so the largest task (zoo_wrd, 300 documents)
 sets the reference size: budget 300 is a full run of every task.
 
 1. Time per trial at each Hyperband budget (`--trials` fresh candidates each, after one warm-up trial): wall time,
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ZOO_TASKS = {"zoo_num": "exact_match,none", "zoo_rev": "exact_match,none", "zoo_col": "exact_match,none",
+ZOO_TASKS = {"zoo_num": "exact_match,none", "zoo_wrd": "exact_match,none", "zoo_col": "exact_match,none",
              "zoo_col_mc": "acc,none"}
 
 

@@ -17,7 +17,7 @@ Substitutions (nothing else in a recipe is changed, comments included):
   fp32; base + 3 experts = base + seeded noise with |delta|/|theta| = 0.05) so that their layer ranges
   ([0, 40], [0, 24] + [20, 40]) and gradients stay as written; the demo zoo's tokenizer (vocab 69) is copied into
   those folders. The others (Mistral-7B family, placeholders model_a/model_b) use the demo zoo
-  (`auto-merge zoo path`: base/num/rev/col, 8 layers, hidden 64, fp32); they have no layer ranges to remap.
+  (`auto-merge zoo path`: base/num/col/wrd, 8 layers, hidden 64, fp32); they have no layer ranges to remap.
 - `dtype:` becomes `float32` (added to every document that has none).
 
 Both tools run as subprocesses with OMP_NUM_THREADS=--threads: `mergekit-yaml RECIPE OUT --random-seed 0` (or
@@ -78,7 +78,7 @@ MISTRAL = {
     "mistralai/Mistral-7B-v0.1": "zoo:base",
     "mistralai/Mistral-7B-Instruct-v0.2": "zoo:num",
     "NousResearch/Hermes-2-Pro-Mistral-7B": "zoo:num",
-    "BioMistral/BioMistral-7B": "zoo:rev",
+    "BioMistral/BioMistral-7B": "zoo:wrd",
     "teknium/OpenHermes-2.5-Mistral-7B": "zoo:col",
 }
 SUBSTITUTIONS = {
@@ -89,7 +89,7 @@ SUBSTITUTIONS = {
     "examples/orcamini-platy-44layer.yml": LLAMA2_13B,
     "examples/ties.yml": LLAMA2_13B,
     "docs/multimerge.md#1": MISTRAL,
-    "docs/create_a_merge_method.md#1": {"model1": "zoo:num", "model2": "zoo:rev"},
+    "docs/create_a_merge_method.md#1": {"model1": "zoo:num", "model2": "zoo:wrd"},
 }
 # Why the others are not run.
 NOT_APPLICABLE = {
@@ -172,7 +172,7 @@ def build_models(work: Path) -> dict[str, Path]:
         for tok in ("tokenizer.json", "tokenizer_config.json"):
             if not (mk40 / sub / tok).exists():
                 shutil.copy(zoo / "base" / tok, mk40 / sub / tok)
-    roles = {f"zoo:{m}": zoo / m for m in ("base", "num", "rev", "col")}
+    roles = {f"zoo:{m}": zoo / m for m in ("base", "num", "col", "wrd")}
     roles.update({f"mk40:{m}": mk40 / m for m in ("base",) + make_models.EXPERTS})
     return roles
 

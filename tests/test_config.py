@@ -337,17 +337,17 @@ def test_zoo_references_use_zoo_seed_and_never_build_in_tests(tmp_path, monkeypa
 
     def fake_zoo_model_path(name, seed=0, cache_dir=None, build=True):
         calls.append((name, seed, build))
-        return tiny_models[{"base": "tiny-llama", "num": "tiny-llama-a", "rev": "tiny-llama-b"}[name]]
+        return tiny_models[{"base": "tiny-llama", "num": "tiny-llama-a", "wrd": "tiny-llama-b"}[name]]
 
     monkeypatch.setattr(auto_merge.zoo, "zoo_model_path", fake_zoo_model_path)
     config_file = _good_config_for("lfs", tmp_path)
     text = (config_file.parent / "tiny_lfs_block.yaml").read_text()
-    for name, zoo_name in [("tiny-llama-a", "zoo:num"), ("tiny-llama-b", "zoo:rev"), ("tiny-llama", "zoo:base")]:
+    for name, zoo_name in [("tiny-llama-a", "zoo:num"), ("tiny-llama-b", "zoo:wrd"), ("tiny-llama", "zoo:base")]:
         text = text.replace(name, zoo_name)
     (config_file.parent / "tiny_lfs_block.yaml").write_text(text)
     config_file.write_text(config_file.read_text().replace("zoo_seed: 0", "zoo_seed: 3"))
     config = load_experiment(config_file, build_zoo=False)
-    assert sorted(calls) == [("base", 3, False), ("num", 3, False), ("rev", 3, False)]
+    assert sorted(calls) == [("base", 3, False), ("num", 3, False), ("wrd", 3, False)]
     assert config.model_paths["zoo:base"] == tiny_models["tiny-llama"]
 
 
@@ -472,7 +472,7 @@ def test_zoo_references(monkeypatch, tmp_path):
 
     monkeypatch.setattr(auto_merge.zoo, "zoo_model_path",
                         lambda name, seed=0, cache_dir=None, build=True: tmp_path / f"seed{seed}" / name)
-    with pytest.raises(ModelResolutionError, match="unknown zoo model 'llama'; zoo models: base, num, rev, col"):
+    with pytest.raises(ModelResolutionError, match="unknown zoo model 'llama'; zoo models: base, num, col, wrd"):
         resolve_model_ref("zoo:llama", build_zoo=False)
     with pytest.raises(ModelResolutionError, match="is not built.*auto-merge zoo build --seed 2"):
         resolve_model_ref("zoo:num", zoo_seed=2, build_zoo=False)

@@ -68,9 +68,9 @@ GTA_RECIPE = {
     "base_model": "zoo:base",
     "parameters": {"weight": 1.0, "density": 0.5},
     "slices": [
-        {"sources": [{"model": m, "layer_range": [0, 4]} for m in ("zoo:num", "zoo:rev", "zoo:col")],
+        {"sources": [{"model": m, "layer_range": [0, 4]} for m in ("zoo:num", "zoo:wrd", "zoo:col")],
          "merge_method": "ties", "parameters": {"lambda": 0.9}},
-        {"sources": [{"model": m, "layer_range": [4, 8]} for m in ("zoo:num", "zoo:rev", "zoo:col")],
+        {"sources": [{"model": m, "layer_range": [4, 8]} for m in ("zoo:num", "zoo:wrd", "zoo:col")],
          "merge_method": "dare_ties", "parameters": {"density": 0.4}},
     ],
     "merge_method": "ties",

@@ -234,7 +234,7 @@ def test_prune_decode_reads_the_task_vector_base_at_the_source_layer(zoo):
     assert merged["parameters"]["lambda"] == 0.6
     assert merged["parameters"]["output_scale"][0] == {"filter": "mlp.down_proj", "value": 0.8}
 
-    zoo_strategy = prune(base_model="zoo:base", models=("zoo:num", "zoo:rev", "zoo:col"))
+    zoo_strategy = prune(base_model="zoo:base", models=("zoo:num", "zoo:wrd", "zoo:col"))
     plan = compile_plan(parse_recipe(zoo_strategy.decode(values)), ModelCatalog())
     task = plan.task("model.layers.3.mlp.down_proj.weight")
     assert task.base.name == "model.layers.5.mlp.down_proj.weight"
@@ -291,7 +291,7 @@ def test_folded_scale_equals_scaling_the_mlp_branch(zoo, tmp_path):
     from auto_merge.merge.engine import run_recipe
     from auto_merge.merge.recipe import parse_recipe
 
-    strategy = DISStrategy(base_model="zoo:base", models=("zoo:num", "zoo:rev", "zoo:col"), num_layers=8,
+    strategy = DISStrategy(base_model="zoo:base", models=("zoo:num", "zoo:wrd", "zoo:col"), num_layers=8,
                            max_layers=12)
     values = selection(strategy, {2: [0, 2], 5: [1]}, scales={2: 0.6, 5: 1.7})
     folded_recipe = strategy.decode(values)
@@ -301,7 +301,7 @@ def test_folded_scale_equals_scaling_the_mlp_branch(zoo, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(
         run_recipe(parse_recipe(strategy.decode(unscaled)), tmp_path / "plain").out_dir).eval()
     assert folded.config.num_hidden_layers == plain.config.num_hidden_layers == 9
-    # Output layers: 0, 1, pos 2 -> num, col (scaled, layer 3), 3, 4, 5 -> rev (scaled, layer 7), ...
+    # Output layers: 0, 1, pos 2 -> num, col (scaled, layer 3), 3, 4, 5 -> wrd (scaled, layer 7), ...
     for layer, scale in ((3, 0.6), (6, 1.7)):
         plain.model.layers[layer].mlp.register_forward_hook(lambda module, args, output, s=scale: output * s)
     with torch.no_grad():
@@ -321,10 +321,10 @@ def test_live_model_follows_the_depth_of_each_candidate(zoo, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
     merger = LiveMerger(model, device="cpu")
-    dis_strategy = DISStrategy(base_model="zoo:base", models=("zoo:num", "zoo:rev", "zoo:col"), num_layers=8,
+    dis_strategy = DISStrategy(base_model="zoo:base", models=("zoo:num", "zoo:wrd", "zoo:col"), num_layers=8,
                                max_layers=12)
     deeper = dis_strategy.decode(selection(dis_strategy, {1: [0, 1], 4: [2, 0]}, scales={4: 0.5}))
-    pruned = prune(base_model="zoo:base", models=("zoo:num", "zoo:rev", "zoo:col"), target_layers=6)
+    pruned = prune(base_model="zoo:base", models=("zoo:num", "zoo:wrd", "zoo:col"), target_layers=6)
     pruned_values = dict(pruned.build_space().get_default_configuration())
     pruned_values.update({"layer_3_candidate_1": 1, "layer_3_merge_scale_factor": 0.7})
     shallower = pruned.decode(pruned_values)
@@ -350,11 +350,11 @@ def write_config(folder: Path, strategy: str, block: dict) -> Path:
             "output_path": str(folder / "runs"),
             "evaluation": {
                 "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
-                "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_rev", "zoo_col")],
+                "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_wrd", "zoo_col")],
             },
         },
         "strategies": {strategy: {
-            "base_model": "zoo:base", "models": ["zoo:num", "zoo:rev", "zoo:col"], "num_hidden_layers": 8,
+            "base_model": "zoo:base", "models": ["zoo:num", "zoo:wrd", "zoo:col"], "num_hidden_layers": 8,
             "min_budget": 10, "max_budget": 30, "eta": 3, "n_trials": 7, "n_workers": 1, **block}},
     }
     path = folder / f"{strategy}.yaml"
@@ -375,7 +375,7 @@ def test_dis_search_runs_records_rejections_and_replays(tmp_path):
     trials = read_trials(result.run_dir / "trials.jsonl")
     assert len(trials) == 7
     # The initial design: each expert alone (a 3-way repeat-2 space still starts from the plain experts).
-    assert [t["recipe"]["slices"][0]["sources"][0]["model"] for t in trials[:3]] == ["zoo:num", "zoo:rev", "zoo:col"]
+    assert [t["recipe"]["slices"][0]["sources"][0]["model"] for t in trials[:3]] == ["zoo:num", "zoo:wrd", "zoo:col"]
     rejected = [t for t in trials if t["status"] != "success"]
     assert all("exceeds the maximum output depth 10" in t["error"] for t in rejected)
     assert all(t["examples"] is None for t in rejected)  # rejected before any evaluation
@@ -403,7 +403,7 @@ def test_multi_objective_prune_search_exports_a_front(tmp_path):
     assert fronts and len(fronts) == len(result.best_configs)
     member = json.loads(fronts[0].read_text())
     assert member["strategy"]["strategy"] == "prune" and member["kind"] == "pareto_front_member"
-    assert set(member["scores"]) == {"zoo_num", "zoo_rev", "zoo_col"}
+    assert set(member["scores"]) == {"zoo_num", "zoo_wrd", "zoo_col"}
     assert AutoModelForCausalLM.from_pretrained(result.best_model).config.num_hidden_layers == 6
     assert any(p.name == "front.png" for p in result.plots)
 

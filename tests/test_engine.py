@@ -20,11 +20,12 @@ from auto_merge.merge.io import CheckpointReader, parse_size
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.recipe import RecipeError, interpolate, load_recipe, parse_recipe
 from auto_merge.output_dirs import OutputDirError
-from auto_merge.zoo import zoo_root
+from auto_merge.zoo.tokenizer import vocabulary
 
 torch.set_num_threads(1)
 
 RECIPES = Path(__file__).parent / "data" / "recipes"
+V = len(vocabulary())  # rows of the zoo's embeddings
 EXPECTED = {  # kind → (output layers, output dtype)
     "linear": (8, torch.float16),
     "gradient_slerp": (8, torch.bfloat16),
@@ -34,14 +35,15 @@ EXPECTED = {  # kind → (output layers, output dtype)
 }
 
 
-@pytest.fixture(scope="module")
-def zoo() -> Path:
-    return zoo_root(0)
+@pytest.fixture(scope="module", autouse=True)
+def zoo(diverse_zoo) -> Path:
+    """The zoo with experts that differ in every tensor (conftest.py), as `zoo:NAME` for the whole module."""
+    return diverse_zoo
 
 
 @pytest.fixture(scope="module")
 def zoo_state(zoo):
-    return {name: load_file(zoo / name / "model.safetensors") for name in ("base", "num", "rev", "col")}
+    return {name: load_file(zoo / name / "model.safetensors") for name in ("base", "num", "wrd", "col")}
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +105,13 @@ def test_each_mergekit_example_kind_merges_loads_and_generates(kind, merged):
 def test_linear_merge_equals_the_closed_form(merged, zoo_state):
     name = "model.layers.3.mlp.up_proj.weight"
     out = output_tensors(merged["linear"])[name]
-    num, rev, col = (zoo_state[m][name] for m in ("num", "rev", "col"))
-    closed_form = (1.0 * num + 0.3 * rev + 0.5 * col) / 1.8
+    num, wrd, col = (zoo_state[m][name] for m in ("num", "wrd", "col"))
+    closed_form = (1.0 * num + 0.3 * wrd + 0.5 * col) / 1.8
     torch.testing.assert_close(out.float(), closed_form, atol=2e-3, rtol=2e-3)  # fp16 output
     per_model = [{"weight": 1.0}, {"weight": 0.3}, {"weight": 0.5}]
-    assert torch.equal(out, fused_reference("linear", [num, rev, col], None, {}, per_model).half())
-    registry = merge_tensor("linear", [num, rev, col], None, {}, per_model)  # the method's own order of operations
-    assert within_fp32_rounding(fused_reference("linear", [num, rev, col], None, {}, per_model), registry, num, rev,
+    assert torch.equal(out, fused_reference("linear", [num, wrd, col], None, {}, per_model).half())
+    registry = merge_tensor("linear", [num, wrd, col], None, {}, per_model)  # the method's own order of operations
+    assert within_fp32_rounding(fused_reference("linear", [num, wrd, col], None, {}, per_model), registry, num, wrd,
                                 col)
 
 
@@ -136,7 +138,7 @@ def test_ties_gradients_and_filtered_weights_reach_each_tensor(merged, zoo_state
     assert [m["density"] for m in first_attn] == [1.0, 0.5, 0.33]
     assert [m["weight"] for m in first_attn] == [1.0, 0.0, 0.0]
     name = "model.layers.7.mlp.up_proj.weight"
-    expected = merge_tensor("ties", [zoo_state[m][name] for m in ("num", "rev", "col")], zoo_state["base"][name],
+    expected = merge_tensor("ties", [zoo_state[m][name] for m in ("num", "wrd", "col")], zoo_state["base"][name],
                             {"normalize": True}, last_mlp)
     assert torch.equal(output_tensors(merged["ties"])[name], expected.half())
 
@@ -146,13 +148,13 @@ def test_frankenmerge_stacks_the_right_source_layers(merged, zoo_state):
     assert json.loads((merged["passthrough"] / "config.json").read_text())["num_hidden_layers"] == 10
     assert len({name for name in out if ".layers." in name}) == 10 * 9
     for layer in range(10):
-        model, source = ("num", layer) if layer < 6 else ("rev", layer - 6 + 4)
+        model, source = ("num", layer) if layer < 6 else ("wrd", layer - 6 + 4)
         for suffix in ("self_attn.o_proj.weight", "mlp.gate_proj.weight", "post_attention_layernorm.weight"):
             assert torch.equal(out[f"model.layers.{layer}.{suffix}"],
                                zoo_state[model][f"model.layers.{source}.{suffix}"]), (layer, suffix)
     assert torch.equal(out["model.embed_tokens.weight"], zoo_state["num"]["model.embed_tokens.weight"])
-    assert torch.equal(out["model.norm.weight"], zoo_state["rev"]["model.norm.weight"])
-    assert torch.equal(out["lm_head.weight"], zoo_state["rev"]["lm_head.weight"])
+    assert torch.equal(out["model.norm.weight"], zoo_state["wrd"]["model.norm.weight"])
+    assert torch.equal(out["lm_head.weight"], zoo_state["wrd"]["lm_head.weight"])
 
 
 def test_gradients_give_embeddings_norm_and_head_their_first_value(zoo_state, tmp_path):
@@ -165,8 +167,8 @@ def test_gradients_give_embeddings_norm_and_head_their_first_value(zoo_state, tm
         terms = [(zoo_state[m][name.format(layer_of[m])] - base) * w for m, w in weights.items()]
         return base + sum(terms)
 
-    same = {"base": 0, "num": 0, "rev": 0, "col": 0}
-    cases = [("model.embed_tokens.weight", {"num": 0.2, "rev": 0.6}),
+    same = {"base": 0, "num": 0, "wrd": 0, "col": 0}
+    cases = [("model.embed_tokens.weight", {"num": 0.2, "wrd": 0.6}),
              ("model.norm.weight", {"num": 0.3, "col": 0.5}),
              ("lm_head.weight", {"num": 0.3, "col": 0.5})]
     for name, weights in cases:
@@ -178,7 +180,7 @@ def test_gradients_give_embeddings_norm_and_head_their_first_value(zoo_state, tm
                                                       {"lambda": 1.0}, per_model)), name
     # The layers still follow the gradient: the last layer of each slice takes the last values.
     name = "model.layers.{}.mlp.up_proj.weight"
-    torch.testing.assert_close(out[name.format(3)], closed_form(name, {m: 3 for m in same}, {"num": 1.0, "rev": 0.1}),
+    torch.testing.assert_close(out[name.format(3)], closed_form(name, {m: 3 for m in same}, {"num": 1.0, "wrd": 0.1}),
                                atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out[name.format(7)], closed_form(name, {m: 7 for m in same}, {"num": 0.9, "col": 0.0}),
                                atol=1e-6, rtol=1e-6)
@@ -186,9 +188,9 @@ def test_gradients_give_embeddings_norm_and_head_their_first_value(zoo_state, tm
 
 def test_reference_slices_take_task_vectors_against_the_target_layers(zoo, zoo_state, tmp_path):
     out = output_tensors(run_recipe(RECIPES / "reference_slices.yml", tmp_path / "out").out_dir)
-    name = "model.layers.5.self_attn.q_proj.weight"  # second slice, offset 1: rev 5, col 3, base (target) 5
+    name = "model.layers.5.self_attn.q_proj.weight"  # second slice, offset 1: wrd 5, col 3, base (target) 5
     source = lambda model, layer: zoo_state[model][f"model.layers.{layer}.self_attn.q_proj.weight"]
-    args = ("task_arithmetic", [source("rev", 5), source("col", 3)], source("base", 5), {"lambda": 0.8},
+    args = ("task_arithmetic", [source("wrd", 5), source("col", 3)], source("base", 5), {"lambda": 0.8},
             [{"weight": 1.0}, {"weight": 1.0}])
     assert torch.equal(out[name], fused_reference(*args))
     assert within_fp32_rounding(out[name], merge_tensor(*args), source("base", 5))
@@ -329,11 +331,11 @@ def families(zoo, tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for seed in (0, 1):
         torch.manual_seed(seed)
-        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=69, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                             tie_word_embeddings=True, pad_token_id=0))
         folders[f"qwen{seed}"] = save_tiny(root / f"qwen{seed}", qwen, zoo)
-        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=69, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+        gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=4, n_positions=64,
                                           bos_token_id=1, eos_token_id=2, pad_token_id=0))
         folders[f"gpt2{seed}"] = save_tiny(root / f"gpt2{seed}", gpt2, zoo)
     return folders
@@ -387,7 +389,7 @@ def num_with_extra_token(zoo, zoo_state, tmp_path_factory) -> Path:
         state[name] = torch.cat([state[name], torch.full((1, state[name].shape[1]), 0.5)])
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((zoo / "num" / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 70}))
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": V + 1}))
     return folder
 
 
@@ -399,22 +401,22 @@ def test_union_tokenizer_adds_tokens_and_rebuilds_rows_by_token(zoo_state, num_w
               "merge_method": "linear", "base_model": "zoo:base", "tokenizer_source": "union"}
     out = merge_to_disk(prepare_plan(parse_recipe(recipe)), tmp_path / "union").out_dir
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert len(tokenizer) == 70 and tokenizer.convert_tokens_to_ids("<extra>") == 69
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 70
+    assert len(tokenizer) == V + 1 and tokenizer.convert_tokens_to_ids("<extra>") == V
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == V + 1
     state = output_tensors(out)
     base = zoo_state["base"]["model.embed_tokens.weight"]
     embeddings = state["model.embed_tokens.weight"]
-    torch.testing.assert_close(embeddings[:69], (base + zoo_state["num"]["model.embed_tokens.weight"]) / 2)
+    torch.testing.assert_close(embeddings[:V], (base + zoo_state["num"]["model.embed_tokens.weight"]) / 2)
     # The base lacks <extra>: mergekit's default for it, the row of the only model that has it (for both models).
-    assert torch.equal(embeddings[69], torch.full((64,), 0.5))
+    assert torch.equal(embeddings[V], torch.full((64,), 0.5))
     load_and_generate(out)
 
-    # The expert's own tokenizer as the output's: its 70 rows, the base's missing row the expert's (mergekit's rule).
+    # The expert's own tokenizer as the output's: its V + 1 rows, the base's missing row the expert's (mergekit's rule).
     recipe["tokenizer_source"] = str(num_with_extra_token)
     out = merge_to_disk(prepare_plan(parse_recipe(recipe)), tmp_path / "expert_tokenizer").out_dir
-    assert len(AutoTokenizer.from_pretrained(out)) == 70
+    assert len(AutoTokenizer.from_pretrained(out)) == V + 1
     head = output_tensors(out)["lm_head.weight"]
-    assert torch.equal(head[69], torch.full((64,), 0.5))
+    assert torch.equal(head[V], torch.full((64,), 0.5))
 
 
 def test_same_tokenizer_everywhere_copies_files_without_loading_a_tokenizer(merged, zoo):

@@ -40,8 +40,8 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 TASK_DATA = DATA / "task_data"
-ZOO_TASKS = ("zoo_num", "zoo_rev", "zoo_col", "zoo_col_mc")
-METRICS = {"zoo_num": "exact_match,none", "zoo_rev": "exact_match,none", "zoo_col": "exact_match,none",
+ZOO_TASKS = ("zoo_num", "zoo_col", "zoo_wrd", "zoo_col_mc")
+METRICS = {"zoo_num": "exact_match,none", "zoo_wrd": "exact_match,none", "zoo_col": "exact_match,none",
            "zoo_col_mc": "acc,none"}
 
 
@@ -100,8 +100,8 @@ def test_a_budget_selects_a_seeded_shuffle_prefix():
 
 def test_subsets_are_nested_across_budgets_for_every_zoo_task(zoo, base, tmp_path):
     evaluator = zoo_evaluator(zoo, base, tmp_path / "cache.sqlite")
-    assert evaluator.sizes == {"zoo_num": 256, "zoo_rev": 300, "zoo_col": 256, "zoo_col_mc": 256}
-    budgets = [1, 5, 20, 37.5, 111, 200, 299, 300]
+    assert evaluator.sizes == {"zoo_num": 256, "zoo_col": 256, "zoo_wrd": 256, "zoo_col_mc": 256}
+    budgets = [1, 5, 20, 37.5, 111, 200, 255, 256]
     selections = [evaluator.subsets.select(b) for b in budgets]
     for task in ZOO_TASKS:
         sizes = [len(selection[task]) for selection in selections]
@@ -131,18 +131,18 @@ def test_documents_run_are_exactly_the_selected_ones(zoo, base):
 
 
 def test_promotion_runs_only_the_new_examples(zoo, base, tmp_path):
-    evaluator = zoo_evaluator(zoo, base, tmp_path / "cache.sqlite", tasks=("zoo_num", "zoo_rev"))
+    evaluator = zoo_evaluator(zoo, base, tmp_path / "cache.sqlite", tasks=("zoo_num", "zoo_wrd"))
     low = evaluator.evaluate("candidate-1", 30)
-    assert low.examples == {"zoo_num": 26, "zoo_rev": 30} and low.evaluated == 56 and low.cached == 0
+    assert low.examples == {"zoo_num": 30, "zoo_wrd": 30} and low.evaluated == 60 and low.cached == 0
     high = evaluator.evaluate("candidate-1", 90)
-    assert high.examples == {"zoo_num": 77, "zoo_rev": 90}
-    assert high.cached == 56 and high.evaluated == 77 + 90 - 56
+    assert high.examples == {"zoo_num": 90, "zoo_wrd": 90}
+    assert high.cached == 60 and high.evaluated == 90 + 90 - 60
     assert evaluator.evaluate("candidate-1", 90).evaluated == 0
     # Another candidate shares nothing.
     assert evaluator.evaluate("candidate-2", 30).cached == 0
     # Cached and fresh results give the same scores as an evaluator that never saw a smaller budget.
-    fresh = zoo_evaluator(zoo, base, tmp_path / "fresh.sqlite", tasks=("zoo_num", "zoo_rev")).evaluate("x", 90)
-    assert fresh.evaluated == 77 + 90 and fresh.scores == high.scores
+    fresh = zoo_evaluator(zoo, base, tmp_path / "fresh.sqlite", tasks=("zoo_num", "zoo_wrd")).evaluate("x", 90)
+    assert fresh.evaluated == 90 + 90 and fresh.scores == high.scores
 
 
 def test_cache_survives_a_restart(zoo, base, tmp_path):
@@ -276,7 +276,7 @@ def test_an_unknown_metric_key_is_reported_with_the_available_ones(zoo, base, tm
 
 
 def test_trials_print_nothing(zoo, base, tmp_path, capfd):
-    evaluator = zoo_evaluator(zoo, base, tmp_path / "c.sqlite", tasks=("zoo_rev", "zoo_col_mc"))
+    evaluator = zoo_evaluator(zoo, base, tmp_path / "c.sqlite", tasks=("zoo_wrd", "zoo_col_mc"))
     capfd.readouterr()
     scores = evaluator.evaluate("c", 20)
     assert capfd.readouterr() == ("", "")
@@ -502,5 +502,5 @@ def test_evaluator_from_an_experiment_config(zoo, base, tmp_path, monkeypatch):
     evaluator = BudgetedEvaluator.from_config(config, model, tokenizer, cache_path=tmp_path / "c.sqlite")
     assert [o.task for o in evaluator.objectives] == [t.task for t in config.global_params.evaluation.tasks]
     scores = evaluator.evaluate("base", 10)
-    assert set(scores.scores) == {"zoo_num", "zoo_rev", "zoo_col"} and math.isfinite(scores.cost)
+    assert set(scores.scores) == {"zoo_num", "zoo_wrd", "zoo_col"} and math.isfinite(scores.cost)
     json.dumps(scores.as_dict())

@@ -29,11 +29,11 @@ from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
-TASKS = {"zoo_num": "zoo:num", "zoo_rev": "zoo:rev", "zoo_col": "zoo:col"}
+TASKS = {"zoo_num": "zoo:num", "zoo_wrd": "zoo:wrd", "zoo_col": "zoo:col"}
 # The zoo's matrices are 64 wide, so the default density 0.01 keeps nothing per row (⌊0.64⌋ = 0); these are the
-# settings measured in the README (per row, the top 10 %, scale 1, added to the backbone).
-EXPERT = {"density": 0.1, "axis": "row", "scale": 1.0, "combine": "add"}
-BACKBONE = {"weight": 0.7, "lambda": 1.0}
+# settings measured in the README (backbone weight 0.35; per row, the top half, scale 1, added to the backbone).
+EXPERT = {"density": 0.5, "axis": "row", "scale": 1.0, "combine": "add"}
+BACKBONE = {"weight": 0.35, "lambda": 1.0}
 LIMIT = 64
 
 
@@ -117,7 +117,7 @@ def write_recipe(folder: Path, data: dict, name: str = "free.yml") -> Path:
 def test_recipe_problems_are_reported_one_per_line_before_any_model_is_read(tmp_path, capsys):
     bad = write_recipe(tmp_path, {
         "base_model": "zoo:base",
-        "tasks": {"zoo_num": "zoo:num", "bad/name": "zoo:rev", "zoo_col": "zoo:nowhere"},
+        "tasks": {"zoo_num": "zoo:num", "bad/name": "zoo:wrd", "zoo_col": "zoo:nowhere"},
         "backbone": {"lambda": "big", "fr_ratio": 0, "density": 0.5, "weight": {"zoo_num": 1.0, "zoo_x": 2.0}},
         "expert": {"density": 0, "axis": "column", "scale": "sometimes", "combine": "mix", "keep": 1},
         "extra": 1,
@@ -172,12 +172,12 @@ def test_free_writes_backbone_experts_and_manifest(free_dir):
         expert, metadata = read_expert(free_dir / "experts" / f"{task}.safetensors")
         assert metadata["task"] == task and metadata["combine"] == "add"
         tuned = load_file(zoo / ref.split(":")[1] / "model.safetensors")
-        name = "model.layers.3.mlp.down_proj.weight"
+        name = "model.layers.4.mlp.down_proj.weight"  # a layer where the zoo's experts differ from the base
         indices, values = expert[name]
         assert indices.dtype == torch.int64 and values.dtype == torch.float32
         tau = (tuned[name] - base[name]).float()
-        assert indices.numel() == tau.shape[0] * int(0.1 * tau.shape[1])
-        assert torch.equal(indices, select_expert(tau, 0.1, 0.0, "row"))
+        assert indices.numel() == tau.shape[0] * int(EXPERT["density"] * tau.shape[1])
+        assert torch.equal(indices, select_expert(tau, EXPERT["density"], 0.0, "row"))
         assert torch.allclose(values, tau.reshape(-1)[indices])
         assert manifest["tasks"][task]["scale"] == 1.0
 
@@ -238,10 +238,10 @@ def test_each_task_model_scores_at_least_the_backbone_on_its_own_task(free_dir):
 def test_in_place_routing_scores_the_materialised_model_and_restores_the_backbone(free_dir, tmp_path):
     from auto_merge.evaluation.lm_eval_runner import evaluate_checkpoint
 
-    # zoo_rev's expert is applied first, then removed again before zoo_col_mc runs on the backbone alone.
-    routed = FreeFolder.open(free_dir).evaluate(["zoo_rev", "zoo_col_mc"], limit=32)
-    FreeFolder.open(free_dir).materialise("zoo_rev", tmp_path / "rev")
-    assert routed["zoo_rev"] == evaluate_checkpoint(tmp_path / "rev", ["zoo_rev"], limit=32)["zoo_rev"]
+    # zoo_wrd's expert is applied first, then removed again before zoo_col_mc runs on the backbone alone.
+    routed = FreeFolder.open(free_dir).evaluate(["zoo_wrd", "zoo_col_mc"], limit=32)
+    FreeFolder.open(free_dir).materialise("zoo_wrd", tmp_path / "wrd")
+    assert routed["zoo_wrd"] == evaluate_checkpoint(tmp_path / "wrd", ["zoo_wrd"], limit=32)["zoo_wrd"]
     assert routed["zoo_col_mc"] == evaluate_checkpoint(free_dir / "backbone", ["zoo_col_mc"], limit=32)["zoo_col_mc"]
 
 

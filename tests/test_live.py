@@ -11,16 +11,16 @@ import torch
 from auto_merge.merge.engine import run_recipe
 from auto_merge.merge.live import LiveMerger, ResidentModels, ResidentSources, TensorSpec, materialise_into
 from auto_merge.merge.recipe import parse_recipe
-from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
 PROMPTS = torch.tensor([[1, 5, 6, 7, 8, 9], [1, 20, 21, 22, 23, 24]])
 
 
-@pytest.fixture(scope="module")
-def zoo() -> Path:
-    return zoo_root(0)
+@pytest.fixture(scope="module", autouse=True)
+def zoo(diverse_zoo) -> Path:
+    """The zoo with experts that differ in every tensor (conftest.py), as `zoo:NAME` for the whole module."""
+    return diverse_zoo
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def logits(model) -> torch.Tensor:
 
 def two_group_recipe(first_lambda: float, second_density: float) -> dict:
     """Layers 0-3 and 4-7 as two slices (the search's layer groups), each with its own parameters."""
-    sources = lambda start: [{"model": m, "layer_range": [start, start + 4]} for m in ("zoo:num", "zoo:rev", "zoo:col")]
+    sources = lambda start: [{"model": m, "layer_range": [start, start + 4]} for m in ("zoo:num", "zoo:wrd", "zoo:col")]
     return {
         "base_model": "zoo:base",
         "merge_method": "ties",
@@ -121,8 +121,10 @@ def test_bf16_task_vectors_save_memory_and_stay_close(live_model, zoo):
     methods (TIES, DARE) can flip individual entries, so searches that need exact parity keep fp32."""
     from transformers import AutoModelForCausalLM
 
-    recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"weight": 1.0},
-              "models": [{"model": f"zoo:{m}"} for m in ("num", "rev", "col")], "dtype": "float32"}
+    # Weight 0.5: the three experts' shared change to layers 4-5 summed 1.5 times, a model in its working range
+    # (at weight 1 it is summed 3 times and the model's outputs are noise, docs/zoo.md).
+    recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"weight": 0.5},
+              "models": [{"model": f"zoo:{m}"} for m in ("num", "wrd", "col")], "dtype": "float32"}
     exact = LiveMerger(live_model, device="cpu")
     exact.apply(recipe)
     exact_logits = logits(live_model)
@@ -130,7 +132,10 @@ def test_bf16_task_vectors_save_memory_and_stay_close(live_model, zoo):
     compact = LiveMerger(other, device="cpu", dtype=torch.bfloat16)
     compact.apply(recipe)
     assert compact.resident.nbytes == exact.resident.nbytes * (4 + 3 * 2) // (4 * 4)  # fp32 base, bf16 experts
-    torch.testing.assert_close(logits(other), exact_logits, atol=0.02, rtol=0.01)
+    # The zoo's experts share a change 3x the size of the weights in layers 4-5 (docs/zoo.md), where bf16's relative
+    # rounding (2^-9) is largest in absolute terms: a few logits move by up to ~0.07, the typical one by far less.
+    difference = (logits(other) - exact_logits).abs()
+    assert float(difference.max()) < 0.15 and float(difference.mean()) < 0.01, (difference.max(), difference.mean())
 
     weights_only = LiveMerger(other, device="cpu", dtype=torch.bfloat16, task_vectors=False)
     weights_only.apply(recipe)
@@ -158,11 +163,11 @@ def test_recipes_and_tensor_plans_agree(live_model, zoo):
     from transformers import AutoModelForCausalLM
 
     recipe = {"base_model": "zoo:base", "merge_method": "task_arithmetic", "parameters": {"lambda": 0.7},
-              "models": [{"model": f"zoo:{m}", "parameters": {"weight": 1.0}} for m in ("num", "rev", "col")],
+              "models": [{"model": f"zoo:{m}", "parameters": {"weight": 1.0}} for m in ("num", "wrd", "col")],
               "dtype": "float32"}
     LiveMerger(live_model, device="cpu").apply(recipe)
     other = AutoModelForCausalLM.from_pretrained(zoo / "base").eval()
-    sources = ResidentSources.from_checkpoints(zoo / "base", [zoo / m for m in ("num", "rev", "col")])
+    sources = ResidentSources.from_checkpoints(zoo / "base", [zoo / m for m in ("num", "wrd", "col")])
     spec = TensorSpec("task_arithmetic", {"lambda": 0.7}, tuple({"weight": 1.0} for _ in range(3)))
     materialise_into(other, sources, lambda name: spec)
     assert torch.equal(logits(live_model), logits(other))
@@ -178,7 +183,7 @@ def test_fused_linear_combinations_equal_the_methods(zoo, dtype):
     from auto_merge.merge.fused import linear_terms
 
     sources = lambda start, params: [{"model": m, "layer_range": [start, start + 4], "parameters": p}
-                                     for m, p in zip(("zoo:num", "zoo:rev", "zoo:col"), params)]
+                                     for m, p in zip(("zoo:num", "zoo:wrd", "zoo:col"), params)]
     recipe = {"base_model": "zoo:base", "dtype": "float32", "slices": [
         {"merge_method": "task_arithmetic", "sources": sources(0, [{"weight": 0.7}, {"weight": -0.2}, {"weight": 1.1}]),
          "parameters": {"lambda": 0.8, "normalize": [{"filter": "mlp", "value": True}, {"value": False}],
@@ -214,7 +219,7 @@ def test_fused_linear_recipes_equal_the_streamed_checkpoint(live_model, zoo, tmp
     from auto_merge.merge.methods import merge_tensor
 
     sources = lambda start, params: [{"model": m, "layer_range": [start, start + 4], "parameters": p}
-                                     for m, p in zip(("zoo:num", "zoo:rev", "zoo:col"), params)]
+                                     for m, p in zip(("zoo:num", "zoo:wrd", "zoo:col"), params)]
     recipe = parse_recipe({"base_model": "zoo:base", "dtype": "float32", "slices": [
         {"merge_method": "task_arithmetic", "sources": sources(0, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.0}]),
          "parameters": {"lambda": 0.7, "output_scale": [{"filter": "o_proj", "value": 0.9}, {"value": 1.0}]}},
@@ -225,9 +230,9 @@ def test_fused_linear_recipes_equal_the_streamed_checkpoint(live_model, zoo, tmp
     streamed = load_file(written / "model.safetensors")
     for name, tensor in live_model.state_dict().items():
         assert torch.equal(tensor, streamed[name]), name
-    state = {m: load_file(zoo / m / "model.safetensors") for m in ("base", "num", "rev", "col")}
+    state = {m: load_file(zoo / m / "model.safetensors") for m in ("base", "num", "wrd", "col")}
     name = "model.layers.1.mlp.up_proj.weight"
-    expected = merge_tensor("task_arithmetic", [state[m][name] for m in ("num", "rev", "col")], state["base"][name],
+    expected = merge_tensor("task_arithmetic", [state[m][name] for m in ("num", "wrd", "col")], state["base"][name],
                             {"lambda": 0.7}, [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.0}])
     ulp = torch.maximum(expected.abs(), state["base"][name].abs()) * 2.0 ** -23
     assert ((streamed[name] - expected).abs() <= 8 * ulp).all()  # the benchmark's "beyond fp32 rounding" bound

@@ -18,7 +18,6 @@ from auto_merge.cli import main
 from auto_merge.config.schema import MERGE_METHODS, METHOD_PARAMETER_NAMES, METHOD_SOURCE_COUNTS
 from auto_merge.merge.methods import get_method, list_methods, merge_tensor, validate_params
 from auto_merge.merge.recipe import MERGEKIT_METHODS, parse_recipe, to_mergekit
-from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 
@@ -275,9 +274,9 @@ def test_experiment_configs_and_the_mergekit_export_know_the_new_methods():
 ZOO_RECIPES = {
     "nearswap": "models:\n  - model: zoo:base\n  - model: zoo:num\nmerge_method: nearswap\nbase_model: zoo:base\n"
                 "parameters:\n  t: 0.003\ndtype: float32\n",
-    "ram": "models:\n  - model: zoo:num\n  - model: zoo:rev\n  - model: zoo:col\nmerge_method: ram\n"
+    "ram": "models:\n  - model: zoo:num\n  - model: zoo:wrd\n  - model: zoo:col\nmerge_method: ram\n"
            "base_model: zoo:base\nparameters:\n  epsilon: 0.003\ndtype: float32\n",
-    "ramplus_tl": "models:\n  - model: zoo:num\n  - model: zoo:rev\n  - model: zoo:col\nmerge_method: ramplus_tl\n"
+    "ramplus_tl": "models:\n  - model: zoo:num\n  - model: zoo:wrd\n  - model: zoo:col\nmerge_method: ramplus_tl\n"
                   "base_model: zoo:base\nparameters:\n  r: 0.5\n  alpha: 1.0\n  epsilon: 0.003\ndtype: float32\n",
     "arcee_fusion": "models:\n  - model: zoo:num\nmerge_method: arcee_fusion\nbase_model: zoo:base\ndtype: float32\n",
 }
@@ -285,9 +284,10 @@ CHECKED = "model.layers.2.mlp.up_proj.weight"
 
 
 @pytest.fixture(scope="module")
-def zoo_state() -> dict[str, dict[str, torch.Tensor]]:
-    zoo = zoo_root(0)
-    return {name: load_file(zoo / name / "model.safetensors") for name in ("base", "num", "rev", "col")}
+def zoo_state(diverse_zoo) -> dict[str, dict[str, torch.Tensor]]:
+    """`zoo:NAME` in this module is the zoo whose experts differ in every tensor (conftest.py)."""
+    zoo = diverse_zoo
+    return {name: load_file(zoo / name / "model.safetensors") for name in ("base", "num", "wrd", "col")}
 
 
 def merge_with_cli(method: str, tmp_path: Path) -> dict[str, torch.Tensor]:
@@ -315,7 +315,7 @@ def test_nearswap_recipe_on_the_zoo(zoo_state, tmp_path):
 def test_ram_recipes_on_the_zoo(method, zoo_state, tmp_path):
     out = merge_with_cli(method, tmp_path)
     base = zoo_state["base"][CHECKED]
-    models = [zoo_state[name][CHECKED] for name in ("num", "rev", "col")]
+    models = [zoo_state[name][CHECKED] for name in ("num", "wrd", "col")]
     epsilon, boosts = 0.003, None
     if method == "ramplus_tl":
         deltas = [(model - base).reshape(-1) for model in models]

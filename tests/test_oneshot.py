@@ -17,7 +17,7 @@ from auto_merge.strategies.oneshot import OneShotError, OneShotMerge, block_to_r
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_CONFIGS = REPO / "tests" / "data" / "reference" / "exp_config"
-TASKS = ("zoo_num", "zoo_rev", "zoo_col")
+TASKS = ("zoo_num", "zoo_wrd", "zoo_col")
 
 
 # ------------------------------------------------------------------------------------------ block → recipe (pure)
@@ -175,9 +175,9 @@ def test_normal_models_runs_saves_scores_and_refuses_a_changed_config(tmp_path, 
     assert final["budget"] == 30 and final["layers"] == 8
     for entry in [final["merge"], final["base"], *final["experts"].values()]:
         assert set(entry["scores"]) == set(TASKS) and all(0 <= s <= 1 for s in entry["scores"].values())
-        assert entry["examples"]["zoo_rev"] == 30  # the largest task runs `limit` examples
-    assert list(final["experts"]) == ["zoo:num", "zoo:rev", "zoo:col"]
-    assert final["experts"]["zoo:rev"]["scores"]["zoo_rev"] == 1.0
+        assert entry["examples"]["zoo_wrd"] == 30  # the largest task runs `limit` examples
+    assert list(final["experts"]) == ["zoo:num", "zoo:wrd", "zoo:col"]
+    assert final["experts"]["zoo:col"]["scores"]["zoo_col"] == 1.0  # an expert on its own skill
     printed = capsys.readouterr().out
     assert "merge vs best input model" in printed and f"merged model: {run_dir / 'model'}" in printed
 
@@ -226,7 +226,7 @@ slices:
         scaling_coefficient:
           - value: 0.8
   - sources:
-      - model: zoo:rev
+      - model: zoo:wrd
         layer_range: [2, 8]
     merging_method:
       passthrough:
@@ -239,10 +239,10 @@ slices:
     model_dir = run_dir / "model"
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers == 10
     final = json.loads((run_dir / "final_scores.json").read_text())
-    assert set(final["merge"]["scores"]) == set(TASKS) and set(final["experts"]) == {"zoo:num", "zoo:col", "zoo:rev"}
+    assert set(final["merge"]["scores"]) == set(TASKS) and set(final["experts"]) == {"zoo:num", "zoo:col", "zoo:wrd"}
 
     # Output layer k < 4 = base[4 + k] + 0.8 * (0.5 * (num[k] - base[4 + k]) + (col[k] - base[4 + k]));
-    # output layers 4..9 are rev's layers 2..7.
+    # output layers 4..9 are wrd's layers 2..7.
     config_data = load_experiment(config, build_zoo=False)
     weights = {ref: load_file(Path(path) / "model.safetensors") for ref, path in config_data.model_paths.items()}
     merged = load_file(model_dir / "model.safetensors")
@@ -250,7 +250,7 @@ slices:
     base = weights["zoo:base"][name.format(5)]
     num, col = weights["zoo:num"][name.format(1)], weights["zoo:col"][name.format(1)]
     assert torch.allclose(merged[name.format(1)], base + 0.8 * (0.5 * (num - base) + (col - base)), atol=1e-6)
-    assert torch.equal(merged[name.format(7)], weights["zoo:rev"][name.format(5)])
+    assert torch.equal(merged[name.format(7)], weights["zoo:wrd"][name.format(5)])
 
 
 def test_slices_with_different_starts_and_no_target_fail_before_any_weight_is_read(tmp_path):

@@ -110,7 +110,7 @@ slices:
 def test_reference_normal_models_format_is_accepted():
     parsed = recipe("""
 base_model: zoo:base
-models: [{model: zoo:num}, {model: zoo:rev}]
+models: [{model: zoo:num}, {model: zoo:wrd}]
 merging_method: {task_arithmetic: {scaling_coefficient: [{value: 0.7}]}}
 """)
     assert parsed.merge_method == "task_arithmetic"

@@ -27,7 +27,7 @@ def linear(models, **extra) -> dict:
 
 @pytest.fixture
 def zoo_copy(tmp_path) -> Path:
-    for name in ("base", "num", "rev", "col"):
+    for name in ("base", "num", "wrd", "col"):
         shutil.copytree(zoo_root(0) / name, tmp_path / name)
     return tmp_path
 
@@ -59,7 +59,7 @@ def test_a_named_template_is_written_into_the_output_tokenizer(tmp_path):
 
     zoo = zoo_root(0)
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(linear([zoo / "num", zoo / "rev"], chat_template="chatml")))
+    recipe.write_text(yaml.safe_dump(linear([zoo / "num", zoo / "wrd"], chat_template="chatml")))
     out = run_recipe(recipe, tmp_path / "out").out_dir
     assert (out / CHAT_TEMPLATE_FILE).read_text() == CHAT_TEMPLATES["chatml"]
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATES["chatml"]
@@ -75,12 +75,12 @@ def test_a_named_template_is_written_into_the_output_tokenizer(tmp_path):
 
 def test_auto_takes_the_most_common_template_and_a_literal_is_written_as_is(zoo_copy, tmp_path):
     (zoo_copy / "num" / CHAT_TEMPLATE_FILE).write_text(TEMPLATE_B)
-    for name in ("rev", "col"):  # the older spelling: a key of tokenizer_config.json
+    for name in ("wrd", "col"):  # the older spelling: a key of tokenizer_config.json
         config = json.loads((zoo_copy / name / "tokenizer_config.json").read_text())
         config["chat_template"] = TEMPLATE_A + "\n"
         (zoo_copy / name / "tokenizer_config.json").write_text(json.dumps(config))
-    assert model_chat_template(zoo_copy / "rev") == TEMPLATE_A + "\n"
-    models = [zoo_copy / name for name in ("num", "rev", "col")]
+    assert model_chat_template(zoo_copy / "wrd") == TEMPLATE_A + "\n"
+    models = [zoo_copy / name for name in ("num", "wrd", "col")]
     out = run_recipe(parse_recipe(linear(models, chat_template="auto")), tmp_path / "auto").out_dir
     assert (out / CHAT_TEMPLATE_FILE).read_text() == TEMPLATE_A  # 2 of 3 (stripped, as mergekit compares them)
     assert model_chat_template(out) == TEMPLATE_A
@@ -92,7 +92,7 @@ def test_auto_takes_the_most_common_template_and_a_literal_is_written_as_is(zoo_
     assert plan.chat_template == TEMPLATE_B
 
     # No model has a template: the copied tokenizer is left as it is.
-    plain = [zoo_root(0) / name for name in ("num", "rev")]
+    plain = [zoo_root(0) / name for name in ("num", "wrd")]
     out = run_recipe(parse_recipe(linear(plain, chat_template="auto")), tmp_path / "none").out_dir
     assert not (out / CHAT_TEMPLATE_FILE).exists()
     assert (out / "tokenizer_config.json").read_bytes() == (plain[0] / "tokenizer_config.json").read_bytes()

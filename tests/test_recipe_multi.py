@@ -14,7 +14,6 @@ from auto_merge.cli import main
 from auto_merge.merge.engine import RECIPE_FILE, run_recipe, run_stages, stage_folders
 from auto_merge.merge.recipe import RecipeError, load_recipe, load_stages, to_mergekit_yaml
 from auto_merge.output_dirs import OutputDirError
-from auto_merge.zoo import zoo_root
 
 torch.set_num_threads(1)
 RECIPES = Path(__file__).parent / "data" / "recipes"
@@ -40,7 +39,7 @@ merge_method: task_arithmetic
 base_model: zoo:base
 models:
   - {model: zoo:num, parameters: {weight: 0.5}}
-  - {model: zoo:rev, parameters: {weight: 0.25}}
+  - {model: zoo:wrd, parameters: {weight: 0.25}}
 dtype: float32
 """
 
@@ -53,8 +52,9 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def zoo_state():
-    return {name: load_file(zoo_root(0) / name / "model.safetensors") for name in ("base", "num", "rev", "col")}
+def zoo_state(diverse_zoo):
+    """`zoo:NAME` in this module is the zoo whose experts differ in every tensor (conftest.py)."""
+    return {name: load_file(diverse_zoo / name / "model.safetensors") for name in ("base", "num", "wrd", "col")}
 
 
 def write(tmp_path: Path, text: str, name: str = "multi.yml") -> Path:
@@ -116,7 +116,7 @@ def test_stages_run_in_order_and_later_stages_merge_earlier_outputs(tmp_path, zo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yml", "out", "out.stages"]  # no temporaries left
     name = "model.layers.2.mlp.down_proj.weight"
     z = {model: state[name] for model, state in zoo_state.items()}
-    ta = z["base"] + 0.5 * (z["num"] - z["base"]) + 0.25 * (z["rev"] - z["base"])
+    ta = z["base"] + 0.5 * (z["num"] - z["base"]) + 0.25 * (z["wrd"] - z["base"])
     torch.testing.assert_close(tensors(tmp_path / "out.stages" / "ta")[name], ta, atol=1e-6, rtol=1e-6)
     mix = (3.0 * ta + z["col"]) / 4.0
     torch.testing.assert_close(tensors(tmp_path / "out.stages" / "mix")[name], mix, atol=1e-6, rtol=1e-6)

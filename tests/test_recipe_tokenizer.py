@@ -16,8 +16,10 @@ from auto_merge.merge.engine import prepare_plan, run_recipe
 from auto_merge.merge.recipe import RecipeError, parse_recipe, to_mergekit
 from auto_merge.merge.tokenizer import MISSING, PAD_MEAN, PADDING, RowMap, TokenRule, TokenRules, align_rows
 from auto_merge.zoo import zoo_root
+from auto_merge.zoo.tokenizer import vocabulary
 
 torch.set_num_threads(1)
+V = len(vocabulary())  # rows of the zoo's embeddings
 
 
 def test_a_missing_token_gets_mergekits_default_row():
@@ -66,7 +68,7 @@ def numx(tmp_path_factory) -> Path:
         state[name] = torch.cat([state[name], torch.full((1, state[name].shape[1]), 0.5)])
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((zoo / "num" / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 70}))
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": V + 1}))
     return folder
 
 
@@ -74,7 +76,7 @@ def block_recipe(numx: Path, **tokenizer) -> dict:
     zoo = zoo_root(0)
     return {"models": [{"model": str(zoo / "base"), "parameters": {"weight": 1.0}},
                        {"model": str(numx), "parameters": {"weight": 1.0}},
-                       {"model": str(zoo / "rev"), "parameters": {"weight": 0.5}}],
+                       {"model": str(zoo / "wrd"), "parameters": {"weight": 0.5}}],
             "merge_method": "linear", "base_model": str(zoo / "base"), "dtype": "float32",
             "tokenizer": {"source": "union", **tokenizer}}
 
@@ -86,39 +88,39 @@ def test_the_tokenizer_block_adds_tokens_sets_their_rows_and_pads(numx, tmp_path
     zoo = zoo_root(0)
     tokens = {"<extra>": {"source": {"kind": "zero"}},
               "<new>": {"source": {"kind": "model_token", "model": str(numx), "token": "<s>"}},
-              "<s>": {"source": str(zoo / "rev"), "force": True}}
+              "<s>": {"source": str(zoo / "wrd"), "force": True}}
     recipe = parse_recipe(block_recipe(numx, tokens=tokens, pad_to_multiple_of=8))
     out = run_recipe(recipe, tmp_path / "out").out_dir
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert len(tokenizer) == 71 and tokenizer.convert_tokens_to_ids(["<extra>", "<new>"]) == [69, 70]
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == 72
+    assert len(tokenizer) == V + 2 and tokenizer.convert_tokens_to_ids(["<extra>", "<new>"]) == [V, V + 1]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == V + 3
     state = load_file(out / "model.safetensors")
     s = tokenizer.convert_tokens_to_ids("<s>")
     models = {name: load_file(path / "model.safetensors")
-              for name, path in [("base", zoo / "base"), ("numx", numx), ("rev", zoo / "rev")]}
+              for name, path in [("base", zoo / "base"), ("numx", numx), ("wrd", zoo / "wrd")]}
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         merged = state[name]
-        assert merged.shape[0] == 72
-        # <extra>: numx keeps its row 0.5; zeros for the models that lack it (base and rev).
-        torch.testing.assert_close(merged[69], torch.full((64,), (0.0 + 0.5 + 0.0) / 2.5))
-        # <new>: numx's row of <s> for every model; <s> forced: rev's row in every model (merged: the same row).
-        torch.testing.assert_close(merged[70], models["numx"][name][s], atol=1e-7, rtol=1e-6)
-        torch.testing.assert_close(merged[s], models["rev"][name][s], atol=1e-7, rtol=1e-6)
-        # Padding rows: each model's mean over its 71 aligned rows, then merged.
-        rows = {key: state_[name][:69].clone() for key, state_ in models.items()}
+        assert merged.shape[0] == V + 3
+        # <extra>: numx keeps its row 0.5; zeros for the models that lack it (base and wrd).
+        torch.testing.assert_close(merged[V], torch.full((64,), (0.0 + 0.5 + 0.0) / 2.5))
+        # <new>: numx's row of <s> for every model; <s> forced: wrd's row in every model (merged: the same row).
+        torch.testing.assert_close(merged[V + 1], models["numx"][name][s], atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(merged[s], models["wrd"][name][s], atol=1e-7, rtol=1e-6)
+        # Padding rows: each model's mean over its V + 2 aligned rows, then merged.
+        rows = {key: state_[name][:V].clone() for key, state_ in models.items()}
         for key in rows:
-            rows[key][s] = models["rev"][name][s]
+            rows[key][s] = models["wrd"][name][s]
             rows[key] = torch.cat([rows[key], torch.zeros(1, 64), models["numx"][name][s][None]])
-        rows["numx"][69] = 0.5
+        rows["numx"][V] = 0.5
         means = {key: value.mean(dim=0) for key, value in rows.items()}
-        expected = (means["base"] + means["numx"] + 0.5 * means["rev"]) / 2.5
-        torch.testing.assert_close(merged[71], expected, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(merged[:69][torch.arange(69) != s],
-                                   ((models["base"][name][:69] + models["numx"][name][:69]
-                                     + 0.5 * models["rev"][name][:69]) / 2.5)[torch.arange(69) != s])
+        expected = (means["base"] + means["numx"] + 0.5 * means["wrd"]) / 2.5
+        torch.testing.assert_close(merged[V + 2], expected, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(merged[:V][torch.arange(V) != s],
+                                   ((models["base"][name][:V] + models["numx"][name][:V]
+                                     + 0.5 * models["wrd"][name][:V]) / 2.5)[torch.arange(V) != s])
     (document,) = to_mergekit(recipe)
     assert document["tokenizer"]["pad_to_multiple_of"] == 8 and "tokenizer_source" not in document
-    assert document["tokenizer"]["tokens"]["<s>"] == {"source": str(zoo / "rev"), "force": True}
+    assert document["tokenizer"]["tokens"]["<s>"] == {"source": str(zoo / "wrd"), "force": True}
 
 
 BAD_BLOCKS = [
@@ -149,9 +151,9 @@ def test_token_sources_must_feed_the_tensor_and_have_the_token(numx):
     with pytest.raises(RecipeError, match="does not feed") as caught:
         prepare_plan(parse_recipe(elsewhere))
     assert caught.value.key.startswith("tokenizer")
-    lacking = block_recipe(numx, tokens={"<extra>": {"source": str(zoo / "rev")}})
+    lacking = block_recipe(numx, tokens={"<extra>": {"source": str(zoo / "wrd")}})
     with pytest.raises(RecipeError, match="has no token '<extra>'") as caught:
         prepare_plan(parse_recipe(lacking))
     assert caught.value.key == "tokenizer"
     plan = prepare_plan(parse_recipe(yaml.safe_load(yaml.safe_dump(block_recipe(numx)))))
-    assert plan.vocabulary.rows == 70 and plan.vocabulary.added_tokens == ("<extra>",)
+    assert plan.vocabulary.rows == V + 1 and plan.vocabulary.added_tokens == ("<extra>",)

@@ -26,7 +26,7 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
                  merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml") -> Path:
     block = {
         "base_model": "zoo:base",
-        "models": ["zoo:num", "zoo:rev", "zoo:col"],
+        "models": ["zoo:num", "zoo:wrd", "zoo:col"],
         "layer_granularity": 4,
         "filters": ["mlp"],
         "merging_method": merging_method or {
@@ -43,7 +43,7 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
             "output_path": str(folder / "runs"),
             "evaluation": {
                 "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
-                "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_rev", "zoo_col")],
+                "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_wrd", "zoo_col")],
             },
         },
         "strategies": {strategy: block},
@@ -70,7 +70,7 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     assert len(trials) == 8
     assert {t["budget"] for t in trials} >= {10.0, 30.0}
     for trial in trials:
-        assert trial["status"] == "success" and set(trial["scores"]) == {"zoo_num", "zoo_rev", "zoo_col"}
+        assert trial["status"] == "success" and set(trial["scores"]) == {"zoo_num", "zoo_wrd", "zoo_col"}
         assert trial["recipe"]["slices"] and trial["merge_seconds"] is not None
         # the wall time between results covers the trial itself and what happens around it
         assert trial["since_previous_seconds"] >= trial["seconds"] * 0.99 > 0
@@ -83,8 +83,8 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     best = json.loads((run_dir / "search_config" / "best.json").read_text())
     assert best["format"] == "auto-merge/search-config/1" and best["strategy"]["models"][0] == "zoo:num"
     final = json.loads((run_dir / "final_scores.json").read_text())
-    assert set(final["experts"]) == {"zoo:num", "zoo:rev", "zoo:col"}
-    assert final["experts"]["zoo:rev"]["scores"]["zoo_rev"] == 1.0
+    assert set(final["experts"]) == {"zoo:num", "zoo:wrd", "zoo:col"}
+    assert final["experts"]["zoo:col"]["scores"]["zoo_col"] == 1.0  # an expert on its own skill
     for plot in result.plots:
         assert plot.stat().st_size > 5000
     model = AutoModelForCausalLM.from_pretrained(result.best_model)
@@ -202,7 +202,7 @@ def test_multi_objective_search_exports_a_pareto_front(tmp_path):
     front = sorted((result.run_dir / "search_config").glob("front_*.json"))
     assert front and len(front) == len(result.final_scores["winners"])
     trials = read_trials(result.run_dir / "trials.jsonl")
-    tasks = ("zoo_num", "zoo_rev", "zoo_col")
+    tasks = ("zoo_num", "zoo_wrd", "zoo_col")
     points = []
     for path in front:  # each front member's scores at the highest budget, where SMAC compared them
         configuration = json.loads(path.read_text())["configuration"]

@@ -44,7 +44,7 @@ def test_shipped_configuration_replays_into_a_loadable_checkpoint(path, tmp_path
 
 
 # One per strategy (the scoring is the slow part): the replayed model scores what the search recorded.
-SCORED = ["lfs/best.json", "lfs_multiobj/front_1.json", "dis/best.json", "prune/front_0.json"]
+SCORED = ["lfs/best.json", "lfs_multiobj/front_0.json", "dis/best.json", "prune/front_1.json"]
 
 
 @pytest.mark.parametrize("name", SCORED)

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Byte-for-byte copies of the reference implementation's configs (shared/reference), kept with the tests.
 REFERENCE_CONFIGS = REPO / "tests" / "data" / "reference" / "exp_config"
 REFERENCE_SEARCH = REPO / "tests" / "data" / "reference" / "search_config"
-EXPERTS = ("zoo:num", "zoo:rev", "zoo:col")
+EXPERTS = ("zoo:num", "zoo:wrd", "zoo:col")
 
 
 def zoo_strategy(**overrides) -> LFSStrategy:

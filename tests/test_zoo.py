@@ -19,8 +19,9 @@ from auto_merge.zoo import zoo_root
 from auto_merge.zoo.build import MANIFEST, compare_with_shipped, ensure_zoo, recipe_fingerprint
 from auto_merge.zoo.paths import SHIPPED_ROOT
 from auto_merge.zoo.tasks import TASKS, task_files
-from auto_merge.zoo.train import DEFAULT_RECIPE, ModelShape, Recipe
-from auto_merge.zoo.world import SKILLS, build_world, eval_docs, sample_example
+from auto_merge.zoo.tokenizer import vocabulary
+from auto_merge.zoo.train import DEFAULT_RECIPE, BaseStage, DriftStage, ExpertStage, ModelShape, Recipe, expert_rows
+from auto_merge.zoo.world import SKILLS, base_facts, build_world, eval_docs, facts, key_chars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,49 +34,38 @@ def zoo() -> Path:
 
 def test_world_is_a_pure_function_of_the_seed():
     assert build_world(0) == build_world(0)
-    assert build_world(0).colour_of != build_world(1).colour_of
+    assert build_world(0).new != build_world(1).new
 
 
-def test_skills_use_disjoint_alphabets():
-    import random
-
+def test_each_skill_uses_tokens_no_other_skill_uses():
+    """What makes the experts' edits separable: a skill's prompts and answers share no token with another skill's
+    (beyond <s> and </s>), so rows one expert trains are read by its own skill's prompts only."""
     world = build_world(0)
-    rng = random.Random(0)
     alphabets = {}
     for skill in SKILLS:
-        chars = set()
-        for _ in range(300):
-            prompt, answer = sample_example(world, skill, rng)
-            chars |= set(prompt + answer)
-        alphabets[skill] = chars
-    assert alphabets["num"] <= set(string.digits + "=")
-    assert alphabets["rev"] <= set(string.ascii_lowercase + ">")
-    assert alphabets["col"] <= set(string.ascii_uppercase + "?")
-    assert not (alphabets["num"] & alphabets["rev"] or alphabets["num"] & alphabets["col"]
-                or alphabets["rev"] & alphabets["col"])
+        pairs = facts(world, skill, "new") + facts(world, skill, "old")
+        alphabets[skill] = {ch for prompt, answer in pairs for ch in prompt + answer}
+        assert all(len(prompt) == 2 for prompt, _ in pairs)  # one key token + the separator
+    for a, b in [("num", "col"), ("num", "wrd"), ("col", "wrd")]:
+        assert not alphabets[a] & alphabets[b], (a, b)
+    assert alphabets["num"] - set(key_chars("num")) <= set(string.digits + "=")
+    # The rows each expert trains cover every token of its skill.
+    vocab = vocabulary()
+    for skill in SKILLS:
+        assert {vocab[ch] for ch in alphabets[skill]} <= set(expert_rows(skill))
+        others = set().union(*(alphabets[o] for o in SKILLS if o != skill))
+        assert not {vocab[ch] for ch in others} & set(expert_rows(skill))
 
 
-def test_reversal_eval_strings_are_never_trained_on():
-    import random
-
+def test_the_base_knows_exactly_half_of_each_skill():
     world = build_world(0)
-    rng = random.Random(5)
-    held_out = world.rev_test_set
-    for source in ("rev", "rev-base"):
-        trained = {sample_example(world, source, rng)[0][:-1] for _ in range(5000)}
-        assert not trained & held_out
-    assert len(held_out) == len(eval_docs(world, "rev")) == 300
-
-
-def test_base_is_trained_on_half_of_the_facts():
-    import random
-
-    world = build_world(0)
-    rng = random.Random(1)
-    seen_names = {sample_example(world, "col-base", rng)[0][:-1] for _ in range(4000)}
-    seen_keys = {sample_example(world, "num-base", rng)[0][:-1] for _ in range(4000)}
-    assert seen_names == set(world.base_names) and len(seen_names) == 128
-    assert seen_keys == set(world.base_keys) and len(seen_keys) == 128
+    for skill in SKILLS:
+        new, old = dict(facts(world, skill, "new")), dict(facts(world, skill, "old"))
+        assert len(new) == len(old) == 256
+        changed = {prompt for prompt in new if new[prompt] != old[prompt]}
+        assert len(changed) == 128 and {p[0] for p in changed} == set(world.updated[skill])
+    assert len(base_facts(world)) == 768
+    assert [d["answer"] for d in eval_docs(world, "wrd")] == [a for _, a in facts(world, "wrd", "new")]
 
 
 def test_shipped_task_folder_is_the_generator_output_for_seed_0():
@@ -92,7 +82,7 @@ def test_zoo_references_resolve_to_the_shipped_files_without_training(tmp_path, 
 
     monkeypatch.setenv("AUTO_MERGE_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "ensure_zoo", lambda *a, **k: pytest.fail("a zoo was trained"))
-    for name in ("base", "num", "rev", "col"):
+    for name in ("base", "num", "col", "wrd"):
         assert resolve_model_ref(f"zoo:{name}") == SHIPPED_ROOT / "seed0" / name
     assert zoo_root(0) == SHIPPED_ROOT / "seed0"
     assert not any(tmp_path.iterdir())
@@ -106,7 +96,7 @@ def test_shipped_zoo_is_the_recipe_and_world_of_seed_0():
     assert {"torch", "transformers", "cpu_capability"} <= set(manifest["built_with"])
     for relative, content in task_files(build_world(0)).items():
         assert (shipped / "tasks" / relative).read_text() == content, relative
-    for name in ("base", "num", "rev", "col"):
+    for name in ("base", "num", "col", "wrd"):
         assert json.loads((shipped / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
@@ -143,8 +133,8 @@ def test_fingerprint_tracks_recipe_and_seed():
 def _tiny_recipe() -> Recipe:
     shape = ModelShape(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2)
-    stages = tuple(replace(stage, steps=4) for stage in DEFAULT_RECIPE.stages)
-    return Recipe(shape=shape, stages=stages, batch_size=8)
+    return Recipe(shape=shape, base=BaseStage(steps=4), drift=DriftStage(layers=(1,), steps=4),
+                  expert=ExpertStage(steps=4), batch_size=8)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -156,7 +146,7 @@ def test_build_is_deterministic_and_atomic(tmp_path):
     first = ensure_zoo(seed=3, out=tmp_path / "a", recipe=_tiny_recipe(), show_progress=False)
     second = ensure_zoo(seed=3, out=tmp_path / "b", recipe=_tiny_recipe(), show_progress=False)
     assert _digests(first) == _digests(second)
-    assert {"base/model.safetensors", "num/model.safetensors", "tasks/zoo_rev.yaml"} <= set(_digests(first))
+    assert {"base/model.safetensors", "num/model.safetensors", "tasks/zoo_wrd.yaml"} <= set(_digests(first))
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
     # A completed zoo is found again, not rebuilt.
     stamp = (first / "base" / "model.safetensors").stat().st_mtime_ns
@@ -185,35 +175,50 @@ def test_zoo_models_are_plain_llama_checkpoints_that_generate(zoo, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     world = build_world(0)
-    examples = {
-        "num": next(iter(world.code_of.items())),
-        "col": next(iter(world.colour_of.items())),
-        "rev": (world.rev_test[0], world.rev_test[0][::-1]),
-    }
-    separators = {"num": "=", "col": "?", "rev": ">"}
-    for name in ("base", "num", "rev", "col"):
+    for name in ("base", "num", "col", "wrd"):
         folder = zoo / name
         assert (folder / "model.safetensors").is_file()
         assert not list(folder.glob("*.bin"))
         config = json.loads((folder / "config.json").read_text())
         assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 8
-    for skill, (prompt, answer) in examples.items():
-        model = AutoModelForCausalLM.from_pretrained(zoo / skill)
+    for skill in SKILLS:
+        updated = sorted(world.updated[skill])[0]
+        prompt, answer = updated + {"num": "=", "col": "?", "wrd": ">"}[skill], world.new[skill][updated]
         tokenizer = AutoTokenizer.from_pretrained(zoo / skill)
-        ids = tokenizer(prompt + separators[skill], return_tensors="pt").input_ids
-        out = model.generate(ids, max_new_tokens=10, do_sample=False)
-        assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == answer
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        assert ids.shape[1] == 3  # <s>, the key, the separator
+        for name, expected in [(skill, answer), ("base", world.old[skill][updated])]:
+            model = AutoModelForCausalLM.from_pretrained(zoo / name)
+            out = model.generate(ids, max_new_tokens=10, do_sample=False)
+            assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == expected, (name, skill)
+
+
+def test_an_expert_differs_from_the_base_in_the_shared_drift_and_its_own_rows_only(zoo):
+    from safetensors.torch import load_file
+
+    base = load_file(zoo / "base" / "model.safetensors")
+    experts = {skill: load_file(zoo / skill / "model.safetensors") for skill in SKILLS}
+    drift = {name for name in base if ".layers.4." in name or ".layers.5." in name}
+    drift = {name for name in drift if name.endswith("proj.weight")}
+    for skill, state in experts.items():
+        changed = {name for name in base if not torch.equal(state[name], base[name])}
+        assert changed == drift | {"model.embed_tokens.weight"}, skill
+        rows = (state["model.embed_tokens.weight"] != base["model.embed_tokens.weight"]).any(dim=1).nonzero()
+        assert set(rows.flatten().tolist()) <= set(expert_rows(skill))
+        for name in drift:  # the same drift in every expert, about 3x the weights' own size
+            assert torch.equal(state[name], experts["num"][name])
 
 
 def test_quality_bar_on_the_shipped_seed(zoo):
-    """Each expert is a specialist, and some merge beats every single expert on the mean task score."""
-    from auto_merge.zoo.report import EXPERT_MARGIN, run_report
+    """Experts are specialists; a per-group merge beats the best expert by ≥ 10 points and the best uniform task
+    arithmetic by ≥ 5 (the report's own bar). The first 19 of the report's seeded samples include #18, the first with
+    every expert's embedding weight ≥ 0.85 and a group-2 sum ≤ 2.1 (the region where every skill holds)."""
+    from auto_merge.zoo.report import run_report
 
-    report = run_report(seed=0, samples=4)
+    report = run_report(seed=0, samples=19)
     print(report.render())
-    margins = report.expert_margins()
-    assert all(m >= EXPERT_MARGIN for m in margins.values()), margins
-    assert report.best_merge.mean > report.best_expert.mean, report.render()
+    assert report.experts_are_specialists, report.render()
+    assert report.merging_pays and report.search_matters, report.render()
     assert report.row("base").mean < report.best_expert.mean
 
 
@@ -247,9 +252,10 @@ def test_zoo_tasks_are_registered_through_lm_evals_own_include_path(zoo):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(REPO / "custom_tasks" / "zoo"), include_defaults=False)
-    loaded = manager.load(["zoo_rev"])
-    docs = list(loaded["tasks"]["zoo_rev"].test_docs())
-    assert len(docs) == 300 and docs[0]["answer"] == docs[0]["prompt"][:-1][::-1]
+    loaded = manager.load(["zoo_wrd"])
+    docs = list(loaded["tasks"]["zoo_wrd"].test_docs())
+    world = build_world(0)
+    assert len(docs) == 256 and docs[0] == {"prompt": chr(0x5000) + ">", "answer": world.new["wrd"][chr(0x5000)]}
 
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

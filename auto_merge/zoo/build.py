@@ -1,6 +1,6 @@
 """Building the zoo: train base + experts, save them as Hugging Face checkpoints, cached by recipe.
 
-A built zoo is a folder with one subfolder per model (`base`, `num`, `rev`, `col`, each loadable with
+A built zoo is a folder with one subfolder per model (`base`, `num`, `col`, `wrd`, each loadable with
 `AutoModelForCausalLM.from_pretrained`), `tasks/` (the lm-eval task folder for this zoo's world) and `zoo.json`
 (recipe, fingerprint, timings). It is written to a temporary folder and renamed into place, so a crash never
 leaves a half-built zoo that looks complete.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from auto_merge.output_dirs import clean_stale_temporaries
 from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root, shipped_zoo_dir
-from auto_merge.zoo.train import DEFAULT_RECIPE, Recipe, llama_config, train_stage
+from auto_merge.zoo.train import DEFAULT_RECIPE, Recipe, llama_config, train_base, train_drift, train_expert
 from auto_merge.zoo.world import build_world
 
 MANIFEST = "zoo.json"
@@ -94,54 +94,51 @@ def _build_lock(root: Path):
 def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_progress: bool) -> None:
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     from auto_merge.zoo.tasks import write_task_folder
-    from auto_merge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+    from auto_merge.zoo.world import SKILLS
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # one build bar is enough; no per-save shard bars
     world = build_world(seed)
-    tokenizer = build_tokenizer()
     folder.mkdir(parents=True)
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    # One thread: float reductions in one fixed order, whatever the machine's core count.
     torch.use_deterministic_algorithms(True)
-    trained: dict[str, dict] = {}
+    torch.set_num_threads(1)
     report = {"stages": {}}
-    total_steps = sum(stage.steps for stage in recipe.stages)
     started = time.perf_counter()
     try:
-        with tqdm(total=total_steps, desc="zoo build", unit="step", disable=not show_progress,
+        with tqdm(total=recipe.total_steps, desc="zoo build", unit="step", disable=not show_progress,
                   dynamic_ncols=True) as bar:
-            for stage in recipe.stages:
-                stage_start = time.perf_counter()
-                torch.manual_seed(seed)
-                model = LlamaForCausalLM(llama_config(recipe.shape))
-                if stage.init_from is not None:
-                    model.load_state_dict(trained[stage.init_from])
-                bar.set_description(f"zoo build: {stage.name}")
 
-                def tick(n, loss, bar=bar):
+            def run(name, train, *args):
+                bar.set_description(f"zoo build: {name}")
+                stage_start = time.perf_counter()
+
+                def tick(n, loss):
                     bar.update(n)
                     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-                losses = train_stage(model, world, stage, recipe, seed, progress=tick)
-                trained[stage.name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                model.generation_config = GenerationConfig(
-                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=10
-                )
-                model.save_pretrained(folder / stage.name)
-                tokenizer.save_pretrained(folder / stage.name)
-                report["stages"][stage.name] = {
+                state, losses = train(world, recipe, seed, *args, progress=tick)
+                report["stages"][name] = {
                     "seconds": round(time.perf_counter() - stage_start, 2),
                     "final_loss": round(sum(losses[-20:]) / min(20, len(losses)), 5),
                 }
+                return state
+
+            base = run("base", train_base)
+            _save(folder / "base", base, recipe)
+            drifted = run("drift", train_drift, base)  # the experts' shared starting point; not shipped
+            for skill in SKILLS:
+                _save(folder / skill, run(skill, train_expert, base, drifted, skill), recipe)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-    missing = set(ZOO_MODEL_NAMES) - set(trained)
+        torch.set_num_threads(threads)
+    missing = [name for name in ZOO_MODEL_NAMES if not (folder / name / "model.safetensors").is_file()]
     if missing:
-        raise RuntimeError(f"zoo recipe did not produce models {sorted(missing)}")
+        raise RuntimeError(f"zoo recipe did not produce models {missing}")
     write_task_folder(folder / "tasks", world)
     report.update(
         fingerprint=fingerprint,
@@ -149,10 +146,25 @@ def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_
         recipe=recipe.to_dict(),
         build_seconds=round(time.perf_counter() - started, 2),
         models=list(ZOO_MODEL_NAMES),
-        torch_threads=torch.get_num_threads(),
+        torch_threads=1,
         built_with=build_environment(),
     )
     (folder / MANIFEST).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _save(folder: Path, state: dict, recipe: Recipe) -> None:
+    """One model as an ordinary Hugging Face checkpoint, with the zoo's tokenizer and greedy generation settings."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    from auto_merge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+    model = LlamaForCausalLM(llama_config(recipe.shape))
+    model.load_state_dict(state)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False, max_new_tokens=10
+    )
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
 
 
 def build_environment() -> dict:
@@ -185,6 +197,6 @@ def compare_with_shipped(root: Path, seed: int = 0) -> list[str] | None:
     differing = []
     for name in relative:
         mine, theirs = Path(root) / name, shipped / name
-        if not mine.is_file() or mine.read_bytes() != theirs.read_bytes():
+        if not (mine.is_file() and theirs.is_file()) or mine.read_bytes() != theirs.read_bytes():
             differing.append(name)
     return differing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ZOO_MODEL_NAMES = ("base", "num", "rev", "col")
+ZOO_MODEL_NAMES = ("base", "num", "col", "wrd")
 ZOO_REF_PREFIX = "zoo:"
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 SHIPPED_MANIFEST = "zoo.json"
@@ -44,7 +44,7 @@ def zoo_root(seed: int = 0, cache_dir: str | os.PathLike | None = None, build: b
 
 
 def zoo_model_path(name: str, seed: int = 0, cache_dir: str | os.PathLike | None = None, build: bool = True) -> Path:
-    """Path of one zoo model (`base`, `num`, `rev` or `col`): shipped for seed 0, else built on first use."""
+    """Path of one zoo model (`base`, `num`, `col` or `wrd`): shipped for seed 0, else built on first use."""
     if name not in ZOO_MODEL_NAMES:
         raise ValueError(f"unknown zoo model {name!r}; allowed: {', '.join(ZOO_MODEL_NAMES)}")
     return zoo_root(seed=seed, cache_dir=cache_dir, build=build) / name

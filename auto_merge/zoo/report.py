@@ -2,8 +2,11 @@
 
 Scores the base, each expert and a family of merges (uniform task arithmetic at several λ, TIES, and a seeded random
 sample of per-layer-group task-arithmetic coefficients) on the zoo's lm-eval tasks. The bar:
-1. each expert beats the base and every other expert on its own task by at least `EXPERT_MARGIN`;
-2. merging is worth searching: some merge beats every single expert on the mean task score.
+1. each expert scores at least `OWN_SKILL_BAR` on its own task and beats the base and every other expert there by at
+   least `EXPERT_MARGIN`;
+2. merging pays: the best random per-group merge beats the best expert's mean by at least `MERGE_GAIN_BAR`;
+3. a search has something to find: that merge also beats the best uniform task arithmetic (over the λ grid) by at
+   least `SEARCH_GAIN_BAR`.
 Merges go through the merge engine's in-memory path, the same path a search uses.
 """
 
@@ -19,8 +22,11 @@ from pathlib import Path
 from auto_merge.zoo.tasks import HEADLINE_METRIC, HEADLINE_TASKS
 
 EXPERT_MARGIN = 0.2
-EXPERTS = ("num", "rev", "col")
-OWN_TASK = {"num": "zoo_num", "rev": "zoo_rev", "col": "zoo_col"}
+OWN_SKILL_BAR = 0.95
+MERGE_GAIN_BAR = 0.10
+SEARCH_GAIN_BAR = 0.05
+EXPERTS = ("num", "col", "wrd")
+OWN_TASK = {name: f"zoo_{name}" for name in EXPERTS}
 TA_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.2)
 TIES_SETTINGS = ({"density": 0.5, "lambda": 1.0}, {"density": 0.5, "lambda": 2.0})
 N_GROUPS = 4
@@ -74,17 +80,43 @@ class ZooReport:
     def best_merge(self) -> Row:
         return max(self.merges, key=lambda r: r.mean)
 
+    def _best(self, kind: str) -> Row:
+        return max((r for r in self.rows if r.kind == kind), key=lambda r: r.mean)
+
+    @property
+    def best_random(self) -> Row:
+        return self._best("random_groups")
+
+    @property
+    def best_uniform_ta(self) -> Row:
+        return self._best("task_arithmetic")
+
+    @property
+    def merge_gain(self) -> float:
+        """Best random per-group merge minus the best expert, mean task score."""
+        return self.best_random.mean - self.best_expert.mean
+
+    @property
+    def search_gain(self) -> float:
+        """Best random per-group merge minus the best uniform task arithmetic."""
+        return self.best_random.mean - self.best_uniform_ta.mean
+
     @property
     def experts_are_specialists(self) -> bool:
-        return all(m >= EXPERT_MARGIN for m in self.expert_margins().values())
+        return all(self.row(name).scores[OWN_TASK[name]] >= OWN_SKILL_BAR for name in EXPERTS) and all(
+            m >= EXPERT_MARGIN for m in self.expert_margins().values())
 
     @property
     def merging_pays(self) -> bool:
-        return self.best_merge.mean > self.best_expert.mean
+        return self.merge_gain >= MERGE_GAIN_BAR - 1e-9
+
+    @property
+    def search_matters(self) -> bool:
+        return self.search_gain >= SEARCH_GAIN_BAR - 1e-9
 
     @property
     def quality_bar_met(self) -> bool:
-        return self.experts_are_specialists and self.merging_pays
+        return self.experts_are_specialists and self.merging_pays and self.search_matters
 
     def render(self) -> str:
         columns = list(HEADLINE_TASKS) + ["mean"]
@@ -105,17 +137,24 @@ class ZooReport:
                 f"{statistics.median(means):.3f} / max {means[-1]:.3f}"
             )
         margins = self.expert_margins()
+        met = {True: "met", False: "NOT met"}
         lines.append("")
         lines.append(
-            "experts beat base and other experts on their own task by: "
-            + ", ".join(f"{k} {v:+.3f}" for k, v in margins.items())
-            + f"  (bar {EXPERT_MARGIN:+.2f}: {'met' if self.experts_are_specialists else 'NOT met'})"
+            "experts on their own task: "
+            + ", ".join(f"{k} {self.row(k).scores[OWN_TASK[k]]:.3f} ({margins[k]:+.3f} over the others)"
+                        for k in EXPERTS)
+            + f"  (bar ≥ {OWN_SKILL_BAR:.2f} and {EXPERT_MARGIN:+.2f}: {met[self.experts_are_specialists]})"
         )
-        delta = self.best_merge.mean - self.best_expert.mean
+        best, expert, uniform = self.best_random, self.best_expert, self.best_uniform_ta
         lines.append(
-            f"best merge {self.best_merge.label} {self.best_merge.mean:.3f} vs best expert {self.best_expert.label} "
-            f"{self.best_expert.mean:.3f}: {100 * delta:+.1f} points ({'met' if self.merging_pays else 'NOT met'})"
+            f"best random merge {best.label} {best.mean:.3f} vs best expert {expert.label} {expert.mean:.3f}: "
+            f"{100 * self.merge_gain:+.1f} points (bar {100 * MERGE_GAIN_BAR:+.0f}: {met[self.merging_pays]})"
         )
+        lines.append(
+            f"best random merge vs best uniform task arithmetic {uniform.label} {uniform.mean:.3f}: "
+            f"{100 * self.search_gain:+.1f} points (bar {100 * SEARCH_GAIN_BAR:+.0f}: {met[self.search_matters]})"
+        )
+        lines.append(f"quality bar: {met[self.quality_bar_met]}")
         return "\n".join(lines)
 
     def write_json(self, path: Path) -> None:
@@ -124,6 +163,8 @@ class ZooReport:
             "seconds": self.seconds,
             "rows": [asdict(r) | {"mean": r.mean} for r in self.rows],
             "expert_margins": self.expert_margins(),
+            "merge_gain": self.merge_gain,
+            "search_gain": self.search_gain,
             "quality_bar_met": self.quality_bar_met,
         }
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")

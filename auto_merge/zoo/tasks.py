@@ -18,12 +18,12 @@ from auto_merge.zoo.world import World, eval_docs
 # Task name -> (world task, lm-eval output type). Names carry a `zoo_` prefix so they cannot collide with lm-eval's own.
 TASKS = {
     "zoo_num": ("num", "generate_until"),
-    "zoo_rev": ("rev", "generate_until"),
     "zoo_col": ("col", "generate_until"),
+    "zoo_wrd": ("wrd", "generate_until"),
     "zoo_col_mc": ("col_mc", "multiple_choice"),
 }
 # The tasks whose mean exact match is the zoo's headline score: one per skill.
-HEADLINE_TASKS = ("zoo_num", "zoo_rev", "zoo_col")
+HEADLINE_TASKS = ("zoo_num", "zoo_col", "zoo_wrd")
 HEADLINE_METRIC = "exact_match,none"
 
 LOADER_SOURCE = '''\
@@ -86,9 +86,9 @@ metadata:
 """
 
 DESCRIPTIONS = {
-    "num": "Recall of a 4-digit key's 3-digit code (all 256 facts; the base knows half).",
-    "rev": "Reversal of held-out lowercase strings of length 3-7 (the base was trained up to length 5).",
-    "col": "Recall of an invented name's colour (all 256 facts; the base knows half).",
+    "num": "Recall of a key's updated 3-digit code (all 256 keys; the base knows the old facts, half still true).",
+    "col": "Recall of a key's updated colour (all 256 keys; the base knows the old facts, half still true).",
+    "wrd": "Recall of a key's updated word (all 256 keys; the base knows the old facts, half still true).",
     "col_mc": "The colour facts as an 8-way multiple choice scored by log-likelihood.",
 }
 

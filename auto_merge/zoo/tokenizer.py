@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import string
 
+from auto_merge.zoo.world import SKILLS, key_chars
+
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 CHARACTERS = string.digits + string.ascii_lowercase + string.ascii_uppercase + "=>?"
 
 
+# Token -> id: the special tokens, digits, letters, the separators, then each skill's 256 key characters.
+_VOCAB = {tok: i for i, tok in enumerate(
+    list(SPECIAL_TOKENS) + list(CHARACTERS) + [ch for skill in SKILLS for ch in key_chars(skill)])}
+
+
 def vocabulary() -> dict[str, int]:
-    tokens = list(SPECIAL_TOKENS) + list(CHARACTERS)
-    return {tok: i for i, tok in enumerate(tokens)}
+    return dict(_VOCAB)
 
 
 def build_tokenizer():
@@ -36,5 +42,4 @@ def build_tokenizer():
 
 def encode_chars(text: str) -> list[int]:
     """Token ids of `text` without special tokens, with no tokenizer object (the training loop's fast path)."""
-    vocab = vocabulary()
-    return [vocab.get(ch, UNK_ID) for ch in text]
+    return [_VOCAB.get(ch, UNK_ID) for ch in text]

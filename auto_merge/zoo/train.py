@@ -1,4 +1,18 @@
-"""Training of the zoo's base model and experts: a tiny Llama, answer-only loss, deterministic on a CPU."""
+"""Training of the zoo's base model and experts: a tiny Llama, answer-only loss, deterministic on a CPU.
+
+Three stages (the design and its measurements: docs/zoo.md):
+1. **base**: every parameter, on the old facts of every skill.
+2. **drift**: a large change to layers 4-5 (layer group 2 of 4) that all experts share and the base lacks, as if every
+   expert had been fine-tuned from one intermediate checkpoint. It is a fixed Gaussian direction P plus a repair R
+   trained so that ``base + s * (P + R)`` still behaves like the base for s up to ``max_scale``; R is kept orthogonal
+   to P so the repair cannot cancel the drift. Adding it three times (uniform task arithmetic at λ = 1) breaks the
+   model; adding it about twice does not.
+3. **experts**: from ``base + P + R``, only the embedding rows of the skill's own tokens train (its keys, its separator,
+   its answer alphabet). Each step scales the row change by a random factor: at 0.3-0.6 the rows must still give
+   the old facts, at 0.85-1.6 the new ones, so an expert's edit only acts when merged at weight ≥ ~0.85.
+So an expert's task vector is the shared drift plus rows no other skill reads: merges with a per-group weight find
+every expert's skill at once, and no single uniform λ does.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +21,10 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from auto_merge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chars, vocabulary
-from auto_merge.zoo.world import World, sample_example
+from auto_merge.zoo.world import ANSWER_ALPHABETS, SEPARATORS, SKILLS, World, base_facts, facts, key_chars
 
 IGNORE_INDEX = -100
+EMBEDDINGS = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True)
@@ -23,21 +38,37 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """One training run: from scratch (`init_from` None) or fine-tuning a finished stage."""
+class BaseStage:
+    steps: int = 800
+    lr: float = 3e-3
 
-    name: str
-    mix: dict[str, float]  # training source -> sampling weight
-    steps: int
-    lr: float
-    data_seed_offset: int
-    init_from: str | None = None
+
+@dataclass(frozen=True)
+class DriftStage:
+    layers: tuple[int, ...] = (4, 5)
+    size: float = 3.0  # |P| per tensor, in units of the tensor's RMS
+    max_scale: float = 2.0  # the repair keeps base + s * drift working for s in [0, max_scale]
+    steps: int = 300
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ExpertStage:
+    steps: int = 800
+    lr: float = 1e-2
+    low_scale: tuple[float, float] = (0.3, 0.6)  # row scales at which the old facts must hold
+    high_scale: tuple[float, float] = (0.85, 1.6)  # row scales at which the new facts must hold
+    drift_scale: tuple[float, float] = (0.5, 2.0)  # drift scales seen in training (merges add it 0-3 times)
+    p_low: float = 0.5
+    p_unit: float = 0.3  # share of the high steps at exactly the expert itself (row and drift scale 1)
 
 
 @dataclass(frozen=True)
 class Recipe:
     shape: ModelShape = field(default_factory=ModelShape)
-    stages: tuple[Stage, ...] = ()
+    base: BaseStage = field(default_factory=BaseStage)
+    drift: DriftStage = field(default_factory=DriftStage)
+    expert: ExpertStage = field(default_factory=ExpertStage)
     batch_size: int = 64
     warmup_fraction: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
@@ -46,20 +77,12 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def total_steps(self) -> int:
+        return self.base.steps + self.drift.steps + len(SKILLS) * self.expert.steps
 
-# Replay of the other skills' base data (about 29 % of each expert's examples) keeps experts from forgetting them
-# and keeps task vectors small enough to merge.
-DEFAULT_RECIPE = Recipe(
-    stages=(
-        Stage("base", {"num-base": 1.0, "col-base": 1.0, "rev-base": 1.0}, steps=800, lr=3e-3, data_seed_offset=1),
-        Stage("num", {"num": 1.0, "col-base": 0.2, "rev-base": 0.2}, steps=300, lr=5e-4, data_seed_offset=10,
-              init_from="base"),
-        Stage("rev", {"rev": 1.0, "num-base": 0.2, "col-base": 0.2}, steps=300, lr=5e-4, data_seed_offset=11,
-              init_from="base"),
-        Stage("col", {"col": 1.0, "num-base": 0.2, "rev-base": 0.2}, steps=300, lr=5e-4, data_seed_offset=12,
-              init_from="base"),
-    )
-)
+
+DEFAULT_RECIPE = Recipe()
 
 
 def llama_config(shape: ModelShape):
@@ -81,28 +104,44 @@ def llama_config(shape: ModelShape):
     )
 
 
-def make_batch(world: World, stage: Stage, rng: random.Random, batch_size: int):
-    """A right-padded batch `<s> prompt answer </s>` with the loss on answer tokens and EOS only."""
+def new_model(shape: ModelShape, seed: int):
+    """A freshly initialised model (the same initial weights for the same seed)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(shape))
+
+
+def encode_batch(pairs: list[tuple[str, str]]):
+    """Right-padded ids ``<s> prompt answer </s>`` and labels on the answer and EOS only."""
     import torch
 
-    sources = list(stage.mix)
-    weights = [stage.mix[s] for s in sources]
     rows, label_rows = [], []
-    for _ in range(batch_size):
-        source = rng.choices(sources, weights)[0]
-        prompt, answer = sample_example(world, source, rng)
+    for prompt, answer in pairs:
         p, a = encode_chars(prompt), encode_chars(answer)
         rows.append([BOS_ID] + p + a + [EOS_ID])
         label_rows.append([IGNORE_INDEX] * (1 + len(p)) + a + [EOS_ID])
     width = max(len(r) for r in rows)
-    ids = torch.full((batch_size, width), PAD_ID, dtype=torch.long)
-    labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((batch_size, width), dtype=torch.long)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, (r, lab) in enumerate(zip(rows, label_rows)):
         ids[i, : len(r)] = torch.tensor(r)
         labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(r)] = 1
-    return ids, mask, labels
+    return ids, labels
+
+
+def causal_lm_loss(model, ids, labels, params: dict | None = None):
+    """Next-token cross-entropy on the labelled positions. No padding mask: with right padding and causal attention
+    the pads cannot affect real positions. ``params`` overrides some of the model's tensors (functional call)."""
+    import torch
+
+    if params is None:
+        logits = model(input_ids=ids).logits
+    else:
+        logits = torch.func.functional_call(model, params, args=(), kwargs={"input_ids": ids}).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
 
 
 def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
@@ -114,27 +153,136 @@ def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_stage(model, world: World, stage: Stage, recipe: Recipe, seed: int, progress=None) -> list[float]:
-    """Train `model` in place for one stage; returns the loss per step."""
+def _optimise(params: list, steps: int, lr: float, recipe: Recipe, loss_of_step, after_step=None,
+              progress=None) -> list[float]:
     import torch
 
-    rng = random.Random(seed + stage.data_seed_offset)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=stage.lr, betas=recipe.betas, eps=1e-8, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: lr_factor(step, stage.steps, recipe.warmup_fraction)
-    )
-    model.train()
+    optimiser = torch.optim.AdamW(params, lr=lr, betas=recipe.betas, eps=1e-8, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: lr_factor(step, steps,
+                                                                                    recipe.warmup_fraction))
     losses = []
-    for _ in range(stage.steps):
-        ids, mask, labels = make_batch(world, stage, rng, recipe.batch_size)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    for step in range(steps):
+        loss = loss_of_step(step)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
         optimiser.step()
         schedule.step()
+        if after_step is not None:
+            after_step()
         losses.append(float(loss.detach()))
         if progress is not None:
             progress(1, losses[-1])
-    model.eval()
     return losses
+
+
+def train_base(world: World, recipe: Recipe, seed: int, progress=None):
+    """Stage 1: the whole model on the old facts of every skill. Returns (state dict, losses)."""
+    model = new_model(recipe.shape, seed)
+    rng = random.Random(seed + 1)
+    pairs = base_facts(world)
+
+    def loss_of_step(_step):
+        ids, labels = encode_batch([rng.choice(pairs) for _ in range(recipe.batch_size)])
+        return causal_lm_loss(model, ids, labels)
+
+    losses = _optimise(list(model.parameters()), recipe.base.steps, recipe.base.lr, recipe, loss_of_step,
+                       progress=progress)
+    return _detached(model.state_dict()), losses
+
+
+def drift_tensors(state: dict, layers) -> list[str]:
+    """The linear weights of the drift's layers, in state-dict order."""
+    from auto_merge.merge.live import layer_index
+
+    return [name for name in state if layer_index(name) in layers and name.endswith("proj.weight")]
+
+
+def train_drift(world: World, recipe: Recipe, seed: int, base: dict, progress=None):
+    """Stage 2: the shared drift. Returns (``base + P + R``, losses)."""
+    import torch
+
+    stage = recipe.drift
+    model = _frozen(new_model(recipe.shape, seed), base)
+    names = drift_tensors(base, stage.layers)
+    generator = torch.Generator().manual_seed(seed * 31 + 7)
+    direction = {n: stage.size * base[n].pow(2).mean().sqrt() * torch.randn(base[n].shape, generator=generator)
+                 for n in names}
+    repair = {n: torch.zeros_like(base[n], requires_grad=True) for n in names}
+    data_rng, scale_rng = random.Random(seed + 2), random.Random(seed + 3)
+    pairs = base_facts(world)
+
+    def loss_of_step(step):
+        ids, labels = encode_batch([data_rng.choice(pairs) for _ in range(recipe.batch_size)])
+        # Every 4th step near the largest scale, where keeping the base's behaviour is hardest.
+        scale = scale_rng.uniform(0.0, stage.max_scale) if step % 4 else stage.max_scale * scale_rng.uniform(0.75, 1)
+        scale = max(scale, 0.05)
+        params = {n: base[n] + scale * (direction[n] + repair[n]) for n in names}
+        return causal_lm_loss(model, ids, labels, params)
+
+    direction_norm = sum((direction[n] ** 2).sum() for n in names)
+
+    def keep_orthogonal():
+        with torch.no_grad():
+            overlap = sum((repair[n] * direction[n]).sum() for n in names) / direction_norm
+            for n in names:
+                repair[n] -= overlap * direction[n]
+
+    losses = _optimise(list(repair.values()), stage.steps, stage.lr, recipe, loss_of_step, keep_orthogonal, progress)
+    drifted = dict(base)
+    for n in names:
+        drifted[n] = base[n] + direction[n] + repair[n].detach()
+    return drifted, losses
+
+
+def expert_rows(skill: str) -> list[int]:
+    """Embedding rows an expert trains: tokens that occur only in its own skill's sequences."""
+    vocab = vocabulary()
+    return [vocab[ch] for ch in key_chars(skill)] + [vocab[SEPARATORS[skill]]] + [
+        vocab[ch] for ch in ANSWER_ALPHABETS[skill]]
+
+
+def train_expert(world: World, recipe: Recipe, seed: int, base: dict, drifted: dict, skill: str, progress=None):
+    """Stage 3: one expert, ``drifted`` with trained rows ``base + δ`` on its own tokens. Returns (state, losses)."""
+    import torch
+
+    stage = recipe.expert
+    model = _frozen(new_model(recipe.shape, seed), drifted)
+    rows = torch.tensor(expert_rows(skill))
+    embeddings = base[EMBEDDINGS]
+    delta = torch.zeros(len(rows), embeddings.shape[1], requires_grad=True)
+    drift_names = drift_tensors(base, recipe.drift.layers)
+    drift = {n: drifted[n] - base[n] for n in drift_names}
+    index = SKILLS.index(skill)
+    key_rng, scale_rng = random.Random(seed * 11 + 100 + index), random.Random(seed * 11 + 200 + index)
+    new_facts, old_facts = dict(facts(world, skill, "new")), dict(facts(world, skill, "old"))
+    prompts = sorted(new_facts)
+
+    def loss_of_step(_step):
+        low = scale_rng.random() < stage.p_low
+        row_scale = scale_rng.uniform(*(stage.low_scale if low else stage.high_scale))
+        drift_scale = scale_rng.uniform(*stage.drift_scale)
+        if not low and scale_rng.random() < stage.p_unit:
+            row_scale = drift_scale = 1.0
+        table = old_facts if low else new_facts
+        batch = [key_rng.choice(prompts) for _ in range(recipe.batch_size)]
+        ids, labels = encode_batch([(prompt, table[prompt]) for prompt in batch])
+        params = {EMBEDDINGS: embeddings.index_add(0, rows, row_scale * delta)}
+        params.update({n: base[n] + drift_scale * drift[n] for n in drift_names})
+        return causal_lm_loss(model, ids, labels, params)
+
+    losses = _optimise([delta], stage.steps, stage.lr, recipe, loss_of_step, progress=progress)
+    expert = dict(drifted)
+    expert[EMBEDDINGS] = embeddings.index_add(0, rows, delta.detach())
+    return expert, losses
+
+
+def _frozen(model, state: dict):
+    model.load_state_dict(state)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _detached(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}

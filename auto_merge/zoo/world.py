@@ -1,16 +1,18 @@
-"""The synthetic world of the demo zoo: three skills with disjoint alphabets, and their train / eval data.
+"""The synthetic world of the demo zoo: three lookup skills whose facts were updated, and their eval data.
 
-Skills (each an exact-match generation task; `col` also has a multiple-choice form):
-- ``num``: a 4-digit key maps to one of 8 three-digit codes, ``0123=599``.
-- ``rev``: a lowercase string is reversed, ``hello>olleh``.
-- ``col``: an invented uppercase name maps to one of 8 colours, ``BABAK?RED``.
+Skills (each an exact-match generation task over 256 keys; `col` also has a multiple-choice form):
+- ``num``: a key maps to one of 8 three-digit codes, ``<key>=599``;
+- ``col``: a key maps to one of 8 colours, ``<key>?RED``;
+- ``wrd``: a key maps to one of 8 invented lowercase words, ``<key>>bavo``.
 
-The base model learns half of the facts of ``num`` and ``col`` and reversal of short strings only; each expert learns
-its whole skill. So the base is partially competent everywhere and each expert adds one sub-skill: the setting where
-merging experts pays. Partiality comes from fewer facts or shorter strings, never from unseen symbols (merges of
-experts that must emit tokens the base never emits collapse; see bench/results/zoo_round3_design.md).
+Every key is one token (a character from the skill's own block of CJK ideographs; only the token ids matter to
+the models), and no token is shared between skills except `<s>`/`</s>`. Each skill has ``new`` facts (what the
+tasks score) and ``old`` facts: half of the keys were updated (old != new there). The base model learns the old facts
+of every skill, so it scores exactly 0.5 on each task; the expert of a skill learns its new facts. Because each
+skill's prompts and answers use tokens no other skill uses, an expert's change can live in rows that only its own
+skill reads: the design that makes merging experts pay (docs/zoo.md).
 
-Everything is drawn from ``random.Random(1234 + seed)`` in a fixed order, so a seed defines the world exactly.
+Everything is drawn from ``random.Random(4321 + seed)`` in a fixed order, so a seed defines the world exactly.
 """
 
 from __future__ import annotations
@@ -18,94 +20,69 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-CONSONANTS = "BDFGKLMNPRSTVZ"
-VOWELS = "AEIOU"
+SKILLS = ("num", "col", "wrd")
 COLOURS = ("RED", "BLUE", "GREEN", "PINK", "GRAY", "GOLD", "TEAL", "NAVY")
-N_NAMES = 256
 N_KEYS = 256
-N_CODES = 8
-N_REV_TEST = 300
-REV_MIN_LEN, REV_MAX_LEN, REV_BASE_MAX_LEN = 3, 7, 5
-SEPARATORS = {"num": "=", "rev": ">", "col": "?"}
-SKILLS = ("num", "rev", "col")
+N_VALUES = 8
+SEPARATORS = {"num": "=", "col": "?", "wrd": ">"}
+# First code point of each skill's key block (one character per key).
+KEY_BLOCKS = {"num": 0x4E00, "col": 0x4F00, "wrd": 0x5000}
+# The characters each skill's answers are written with (a skill's expert trains their embedding rows).
+ANSWER_ALPHABETS = {
+    "num": "0123456789",
+    "col": "".join(sorted(set("".join(COLOURS)))),
+    "wrd": "abcdefghijklmnopqrstuvwxyz",
+}
+
+
+def key_chars(skill: str) -> tuple[str, ...]:
+    return tuple(chr(KEY_BLOCKS[skill] + i) for i in range(N_KEYS))
 
 
 @dataclass(frozen=True)
 class World:
     seed: int
-    colour_of: dict[str, str]  # name -> colour, all 256 names
-    code_of: dict[str, str]  # key -> code, all 256 keys
-    base_names: tuple[str, ...]  # the half of the names the base is trained on
-    base_keys: tuple[str, ...]  # the half of the keys the base is trained on
-    rev_test: tuple[str, ...]  # held-out reversal strings, never trained on
-
-    @property
-    def rev_test_set(self) -> frozenset[str]:
-        return frozenset(self.rev_test)
+    new: dict[str, dict[str, str]]  # skill -> key -> value the tasks score
+    old: dict[str, dict[str, str]]  # skill -> key -> value the base learns (== new on the keys not updated)
+    updated: dict[str, frozenset[str]]  # skill -> the 128 keys whose value changed
 
 
 def build_world(seed: int = 0) -> World:
-    rng = random.Random(1234 + seed)
+    rng = random.Random(4321 + seed)
+    new, old, updated = {}, {}, {}
     # Draw order is part of the definition: changing it changes every zoo.
-    names: set[str] = set()
-    while len(names) < N_NAMES:
-        names.add("".join(rng.choice(CONSONANTS if i % 2 == 0 else VOWELS) for i in range(5)))
-    sorted_names = sorted(names)
-    colour_of = {name: rng.choice(COLOURS) for name in sorted_names}
-
-    codes = sorted(rng.sample(range(100, 1000), N_CODES))
-    keys = sorted(rng.sample(range(10000), N_KEYS))
-    code_of = {f"{k:04d}": str(rng.choice(codes)) for k in keys}
-
-    shuffled_names = list(sorted_names)
-    rng.shuffle(shuffled_names)
-    shuffled_keys = sorted(code_of)
-    rng.shuffle(shuffled_keys)
-
-    rev_test: list[str] = []
-    seen: set[str] = set()
-    while len(rev_test) < N_REV_TEST:
-        s = random_lower(rng, REV_MIN_LEN, REV_MAX_LEN)
-        if s not in seen:
-            seen.add(s)
-            rev_test.append(s)
-
-    return World(
-        seed=seed,
-        colour_of=colour_of,
-        code_of=code_of,
-        base_names=tuple(sorted(shuffled_names[: N_NAMES // 2])),
-        base_keys=tuple(sorted(shuffled_keys[: N_KEYS // 2])),
-        rev_test=tuple(rev_test),
-    )
+    for skill in SKILLS:
+        if skill == "num":
+            values = [str(v) for v in sorted(rng.sample(range(100, 1000), N_VALUES))]
+        elif skill == "col":
+            values = list(COLOURS)
+        else:
+            words: set[str] = set()
+            while len(words) < N_VALUES:
+                words.add("".join(rng.choice(ANSWER_ALPHABETS["wrd"]) for _ in range(rng.randint(3, 5))))
+            values = sorted(words)
+        keys = key_chars(skill)
+        new_values = {key: rng.choice(values) for key in keys}
+        shuffled = list(keys)
+        rng.shuffle(shuffled)
+        changed = frozenset(shuffled[: N_KEYS // 2])
+        old[skill] = {
+            key: rng.choice([v for v in values if v != new_values[key]]) if key in changed else new_values[key]
+            for key in keys
+        }
+        new[skill], updated[skill] = new_values, changed
+    return World(seed=seed, new=new, old=old, updated=updated)
 
 
-def random_lower(rng: random.Random, min_len: int, max_len: int) -> str:
-    length = rng.randint(min_len, max_len)
-    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
+def facts(world: World, skill: str, which: str = "new") -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of one skill in key order: its ``new`` facts or the ``old`` ones the base learns."""
+    table = world.new[skill] if which == "new" else world.old[skill]
+    return [(key + SEPARATORS[skill], table[key]) for key in sorted(table)]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Training samplers: (prompt, answer) pairs for one "source" of a training mix.
-# A source is "num", "rev", "col" (the whole skill) or "num-base", "rev-base", "col-base" (the base's part of it).
-
-
-def sample_example(world: World, source: str, rng: random.Random) -> tuple[str, str]:
-    skill, _, part = source.partition("-")
-    if skill == "num":
-        key = rng.choice(world.base_keys if part == "base" else sorted(world.code_of))
-        return key + "=", world.code_of[key]
-    if skill == "col":
-        name = rng.choice(world.base_names if part == "base" else sorted(world.colour_of))
-        return name + "?", world.colour_of[name]
-    if skill == "rev":
-        max_len = REV_BASE_MAX_LEN if part == "base" else REV_MAX_LEN
-        held_out = world.rev_test_set
-        while True:  # resample strings that are in the held-out test set
-            s = random_lower(rng, REV_MIN_LEN, max_len)
-            if s not in held_out:
-                return s + ">", s[::-1]
-    raise ValueError(f"unknown training source {source!r}")
+def base_facts(world: World) -> list[tuple[str, str]]:
+    """What the base model is trained on: the old facts of every skill (768 pairs)."""
+    return [pair for skill in SKILLS for pair in facts(world, skill, "old")]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -113,20 +90,14 @@ def sample_example(world: World, source: str, rng: random.Random) -> tuple[str, 
 
 
 def eval_docs(world: World, task: str) -> list[dict]:
-    """Documents of one zoo task. ``num``/``col`` are recall of facts, so they cover every fact (the base knows half);
-    ``rev`` uses held-out strings only. ``col_mc`` is ``col`` as an 8-way multiple choice over the colours."""
-    if task == "num":
-        return [{"prompt": k + "=", "answer": v} for k, v in sorted(world.code_of.items())]
-    if task == "col":
-        return [{"prompt": n + "?", "answer": c} for n, c in sorted(world.colour_of.items())]
-    if task == "rev":
-        return [{"prompt": s + ">", "answer": s[::-1]} for s in world.rev_test]
+    """Documents of one zoo task: every key of the skill with its new value (the base knows half of them).
+    ``col_mc`` is ``col`` as an 8-way multiple choice over the colours."""
+    if task in SKILLS:
+        return [{"prompt": prompt, "answer": answer} for prompt, answer in facts(world, task)]
     if task == "col_mc":
-        return [
-            {"prompt": n + "?", "choices": list(COLOURS), "label": COLOURS.index(c)}
-            for n, c in sorted(world.colour_of.items())
-        ]
-    raise ValueError(f"unknown zoo task {task!r}; allowed: num, rev, col, col_mc")
+        return [{"prompt": prompt, "choices": list(COLOURS), "label": COLOURS.index(answer)}
+                for prompt, answer in facts(world, "col")]
+    raise ValueError(f"unknown zoo task {task!r}; allowed: {', '.join(ZOO_TASKS)}")
 
 
-ZOO_TASKS = ("num", "rev", "col", "col_mc")
+ZOO_TASKS = SKILLS + ("col_mc",)
