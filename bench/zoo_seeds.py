@@ -20,6 +20,21 @@ import time
 from pathlib import Path
 
 
+def state_hash(weights: Path) -> str:
+    """sha256 over (name, bytes) of every tensor in name order, first 12 hex digits: the hash the design experiment
+    (bench/zoo_round4/z4.py `sd_hash`) printed, so a build can be matched with its table."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -47,6 +62,7 @@ def main() -> None:
         summary.append({
             "seed": seed,
             "variant": variant,
+            "base_state_hash": state_hash(root / "base" / "model.safetensors"),
             "build_seconds": build_seconds,
             "own": {name: report.row(name).scores[OWN_TASK[name]] for name in EXPERTS},
             "base": report.row("base").mean,
@@ -57,10 +73,10 @@ def main() -> None:
             "search_gain_points": 100 * report.search_gain,
             "quality_bar_met": report.quality_bar_met,
         })
-    print("seed  variant  weakest own  best expert   best uniform TA       best random             "
+    print("seed  variant  base hash     weakest own  best expert   best uniform TA       best random             "
           "vs expert  vs TA   bar")
     for s in summary:
-        print(f"{s['seed']:>4}  {s['variant']:7s}  {min(s['own'].values()):.3f}        "
+        print(f"{s['seed']:>4}  {s['variant']:7s}  {s['base_state_hash']}  {min(s['own'].values()):.3f}        "
               f"{s['best_expert'][1]:.3f} ({s['best_expert'][0]})  "
               f"{s['best_uniform_ta'][1]:.3f} ({s['best_uniform_ta'][0]})  "
               f"{s['best_random'][1]:.3f} ({s['best_random'][0]})  {s['merge_gain_points']:+6.1f}  "

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_workers: int = 1,
-                 merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml") -> Path:
+                 merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml",
+                 baselines: bool = False) -> Path:
     block = {
         "base_model": "zoo:base",
         "models": ["zoo:num", "zoo:wrd", "zoo:col"],
@@ -40,6 +41,7 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
         "strategy": strategy,
         "global_params": {
             "random_seed": 0,
+            "baselines": baselines,  # 5 more full evaluations per run: on where a test looks at them
             "output_path": str(folder / "runs"),
             "evaluation": {
                 "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
@@ -63,7 +65,7 @@ def test_hyperband_round_matches_smacs_brackets():
 def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    config = write_config(tmp_path, n_trials=8)
+    config = write_config(tmp_path, n_trials=8, baselines=True)
     result = run_search(config, show_progress=False)
     run_dir = result.run_dir
     trials = read_trials(run_dir / "trials.jsonl")
@@ -85,6 +87,18 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     final = json.loads((run_dir / "final_scores.json").read_text())
     assert set(final["experts"]) == {"zoo:num", "zoo:wrd", "zoo:col"}
     assert final["experts"]["zoo:col"]["scores"]["zoo_col"] == 1.0  # an expert on its own skill
+    # The baselines, scored on every example like the winner: on the shipped zoo uniform task arithmetic is best at
+    # λ 0.7 (0.693) and TIES at density 0.5, λ 1 scores 0.983 (`auto-merge zoo report`, docs/zoo.md).
+    baselines = final["baselines"]
+    assert set(baselines["uniform_task_arithmetic"]["grid"]) == {"0.3", "0.5", "0.7", "1.0"}
+    assert baselines["uniform_task_arithmetic"]["lambda"] == 0.7
+    assert baselines["uniform_task_arithmetic"]["mean_score"] == pytest.approx(0.693, abs=0.01)
+    assert baselines["ties"]["mean_score"] == pytest.approx(0.983, abs=0.01)
+    assert final["compute"]["trials"] == 8
+    assert final["compute"]["examples_evaluated"] == sum(t["evaluated_examples"] for t in trials) > 0
+    assert final["compute"]["full_evaluation_examples"] == 3 * 256
+    card = (result.best_model / "README.md").read_text()
+    assert "## Search results" in card and "vs uniform task arithmetic (λ 0.7" in card and "vs TIES" in card
     for plot in result.plots:
         assert plot.stat().st_size > 5000
     model = AutoModelForCausalLM.from_pretrained(result.best_model)
@@ -113,6 +127,8 @@ def test_rerun_resumes_and_a_changed_config_is_refused(tmp_path):
     first = read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl")
     again = run_search(config, show_progress=False, write_model=False)  # finished: nothing re-run
     assert read_trials(again.run_dir / "trials.jsonl") == first
+    final = json.loads((again.run_dir / "final_scores.json").read_text())
+    assert "baselines" not in final and final["compute"]["trials"] == 4  # `baselines: false` skips them
 
     changed = write_config(tmp_path, n_trials=5)
     with pytest.raises(OutputDirError, match="different config.*--overwrite"):
@@ -233,6 +249,62 @@ def test_random_search_and_full_fidelity_bo_run(tmp_path):
         result = run_search(config, show_progress=False, write_model=False, run_name=optimizer)
         trials = read_trials(result.run_dir / "trials.jsonl")
         assert len(trials) == 4 and all(t["budget"] is None for t in trials), optimizer
+
+
+def test_cmaes_searches_the_weights_on_every_example_and_resumes_as_if_never_stopped(tmp_path):
+    """optimizer: cmaes: each group's method stays the first listed, the weights move, every trial scores every
+    example; a run killed after 3 trials resumes to exactly the trials of an uninterrupted run."""
+    config = write_config(tmp_path, n_trials=6, optimizer="cmaes")
+    whole = run_search(config, show_progress=False, write_model=False, run_name="whole")
+    trials = read_trials(whole.run_dir / "trials.jsonl")
+    assert len(trials) == 6 and all(t["status"] == "success" and t["budget"] is None for t in trials)
+    assert all(t["config_origin"] == "CMA-ES" and t["examples"] == {"zoo_num": 256, "zoo_wrd": 256, "zoo_col": 256}
+               for t in trials)
+    assert {t["configuration"]["g0:method"] for t in trials} == {"task_arithmetic"}
+    assert len({json.dumps(t["configuration"], sort_keys=True) for t in trials}) == 6
+    final = json.loads((whole.run_dir / "final_scores.json").read_text())
+    assert final["winners"][0]["mean_score"] >= max(t["score"] for t in trials) - 1e-9
+
+    script = textwrap.dedent(f"""
+        import os
+        import auto_merge.search.cmaes_search as cmaes_search
+        run, done = cmaes_search.CMAESSearch._run, []
+        def run_or_die(self, configuration):
+            cost = run(self, configuration)
+            done.append(cost)
+            if len(done) == 3:
+                os._exit(9)
+            return cost
+        cmaes_search.CMAESSearch._run = run_or_die
+        from auto_merge.search.driver import run_search
+        run_search({str(config)!r}, show_progress=False, write_model=False, run_name="killed")
+        """)
+    died = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert died.returncode == 9, died.stderr[-2000:]
+    log = tmp_path / "runs" / "killed" / "trials.jsonl"
+    assert len(read_trials(log)) == 3
+    run_search(config, show_progress=False, write_model=False, run_name="killed")
+    resumed = read_trials(log)
+    assert [(t["configuration"], t["scores"]) for t in resumed] == [(t["configuration"], t["scores"]) for t in trials]
+
+
+def test_cmaes_maps_each_parameter_range_to_the_unit_interval():
+    from ConfigSpace import ConfigurationSpace, UniformFloatHyperparameter, UniformIntegerHyperparameter
+
+    from auto_merge.search.cmaes_search import from_unit, split_space, to_unit
+
+    space = ConfigurationSpace()
+    weight = UniformFloatHyperparameter("w", 0.0, 2.0, default_value=1.5)
+    rate = UniformFloatHyperparameter("lr", 1e-4, 1e-2, log=True, default_value=1e-3)
+    count = UniformIntegerHyperparameter("k", 1, 9, default_value=3)
+    space.add([weight, rate, count])
+    fixed, searched = split_space(space)
+    assert fixed == {} and [hp.name for hp in searched] == ["k", "lr", "w"]
+    assert to_unit(weight, 1.5) == 0.75 and from_unit(weight, 0.75) == 1.5
+    assert to_unit(rate, 1e-3) == pytest.approx(0.5) and from_unit(rate, 0.5) == pytest.approx(1e-3)
+    assert from_unit(count, 0.5) == 5 and isinstance(from_unit(count, 0.5), int)
+    assert from_unit(weight, -0.3) == 0.0 and from_unit(weight, 1.7) == 2.0  # clipped to the range
 
 
 def test_successive_halving_starts_every_configuration_at_the_smallest_budget(tmp_path):

@@ -377,6 +377,10 @@ class GlobalParams(StrictModel):
                            "safetensors only")
     trust_remote_code: bool = Field(
         False, description="New. Let transformers run custom model code shipped in a model folder when loading it")
+    baselines: bool = Field(
+        True, description="New. At the end of a search, also score uniform task arithmetic (λ 0.3/0.5/0.7/1.0, the "
+                          "best kept) and TIES (density 0.5, λ 1) at the full budget, and compare the winner with "
+                          "them (final_scores.json, the summary, the model card); false skips these 5 evaluations")
 
     @field_validator("cache_dir", "load_run_history", mode="before")
     @classmethod
@@ -572,11 +576,13 @@ class SearchSettings(StrictModel):
     eta: int = Field(3, ge=2, description="Hyperband eta")
     n_workers: int = Field(4, ge=1, description="Parallel workers (one accelerator each)")
     random_init_points: int = Field(0, ge=0, description="Random configurations added to the initial design")
-    optimizer: Literal["hyperband", "successive_halving", "bo", "random"] = Field(
+    optimizer: Literal["hyperband", "successive_halving", "bo", "random", "cmaes"] = Field(
         "hyperband", description="New. hyperband: multi-fidelity BO (SMAC Hyperband over budgets, the default); "
                                  "successive_halving: multi-fidelity BO repeating Hyperband's most aggressive "
                                  "bracket (every new configuration starts at min_budget); "
-                                 "bo: BO with every trial at max_budget; random: random search at max_budget")
+                                 "bo: BO with every trial at max_budget; random: random search at max_budget; "
+                                 "cmaes: CMA-ES over the continuous weights at max_budget, each group's method "
+                                 "fixed at the first one listed (lfs only; trials one at a time)")
     dask_scheduler: Optional[str] = Field(
         None, description="New. Address of an existing dask scheduler (e.g. tcp://host:8786) to run trials on "
                           "instead of starting a local cluster of n_workers")
@@ -945,6 +951,10 @@ class ExperimentConfig(StrictModel):
         if hasattr(block, "runnable_issues"):
             issues += [Issue(("strategies", self.strategy) + issue.subpath, issue.message, issue.allowed)
                        for issue in block.runnable_issues()]
+        if getattr(block, "optimizer", None) == "cmaes" and self.strategy != "lfs":
+            issues.append(Issue(("strategies", self.strategy, "optimizer"),
+                                f"optimizer cmaes searches continuous merge weights for one objective: it runs the "
+                                f"lfs strategy, not {self.strategy}", "hyperband, successive_halving, bo, random"))
         _raise_issues(issues)
         return self
 

@@ -6,8 +6,9 @@
    one process at a time); a run folder holding a different config, or one whose source files changed, is refused
    unless `overwrite` (which replaces it) — rerunning the same config resumes by replaying the trial log to SMAC;
 3. runs SMAC: multi-fidelity Hyperband (the default) or successive halving, plain BO at max_budget, or random
-   search; multi-objective (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with
-   incumbent selection at the highest budget (SMAC #1050);
+   search (or, outside SMAC, CMA-ES over the continuous weights: search/cmaes_search.py); multi-objective
+   (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with incumbent selection at the
+   highest budget (SMAC #1050);
 4. records every trial as one JSON line in `trials.jsonl` as soon as SMAC is told its result;
 5. exports the best configuration (or the Pareto front) as self-describing JSON, scores it and every expert alone at
    the full budget, writes the winning merged checkpoint, and draws the plots.
@@ -207,11 +208,21 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         progress.write(f"run folder: {run_dir}")
     client = cluster = None
     try:
-        client, cluster = _dask_client(block, progress)
-        # A kill mid-save must not leave a state the rerun cannot read.
-        with atomic_state_writes(), _without_smacs_empty_mean_warnings():
-            smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
+        if block.optimizer == "cmaes":
+            from auto_merge.search.cmaes_search import CMAESSearch
+
+            if workers > 1:
+                progress.write("note: optimizer cmaes runs one trial at a time (n_workers is not used)")
+            # Every trial on every example, as with `bo` and `random` (budget None).
+            smac = CMAESSearch(space, TrialTarget(spec), [recorder], n_trials=n_trials,
+                               seed=config.global_params.random_seed, budget=None, crash_cost=CRASH_COST)
             smac.optimize()
+        else:
+            client, cluster = _dask_client(block, progress)
+            # A kill mid-save must not leave a state the rerun cannot read.
+            with atomic_state_writes(), _without_smacs_empty_mean_warnings():
+                smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
+                smac.optimize()
     except KeyboardInterrupt:
         progress.close()
         print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from smac.callback import Callback
 
+from auto_merge.search.baselines import comparison_lines, compute_spent, score_baselines
 from auto_merge.search.results import SearchError, SearchResult
 from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
 
@@ -263,6 +264,11 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     base_alone = {"base_model": strategy.base_model, "merge_method": "linear",
                   "models": [{"model": strategy.base_model, "parameters": {"weight": 1.0}}]}
     final["base"] = scored("base model", base_alone)
+    if config.global_params.baselines:
+        final["baselines"] = score_baselines(strategy.base_model, strategy.models, scored)
+    trials = read_trials(run_dir / "trials.jsonl")
+    full_evaluation = max((w.get("examples", 0) for w in final["winners"]), default=0)
+    final["compute"] = compute_spent(trials, full_evaluation)
     write_json_atomic(run_dir / "final_scores.json", final)
 
     export_dir = run_dir / "search_config"
@@ -279,7 +285,8 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     chosen = max(final["winners"], key=lambda w: w["mean_score"])
     if write_model:
         try:
-            best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec)
+            best_model = write_winner_model(chosen["recipe"], run_dir / "best_model", spec,
+                                            notes=[("Search results", comparison_lines(final))])
         except Exception as error:  # e.g. a full disk: the found configuration is saved; replay makes the model
             scoring.record("best_model", error)
             write_json_atomic(run_dir / "final_scores.json", final)
@@ -313,10 +320,10 @@ def shortlist(records: list[dict], size: int) -> list[dict]:
 
 def _final_scores(info: dict) -> dict:
     return {"scores": info[SCORES_KEY], "mean_score": statistics.fmean(info[SCORES_KEY].values()),
-            "recipe": info[RECIPE_KEY]}
+            "recipe": info[RECIPE_KEY], "examples": sum((info.get("examples") or {}).values())}
 
 
-def write_winner_model(recipe: dict, out_dir: Path, spec) -> Path:
+def write_winner_model(recipe: dict, out_dir: Path, spec, notes=()) -> Path:
     """The winner as a checkpoint, through the same engine `auto-merge merge` uses (replaced when the run is)."""
     from auto_merge.merge.engine import run_recipe
     from auto_merge.merge.plan import ModelCatalog, SourceModel
@@ -325,7 +332,7 @@ def write_winner_model(recipe: dict, out_dir: Path, spec) -> Path:
     catalog = ModelCatalog(allow_pickle=spec.allow_pickle)
     for ref, path in spec.model_paths.items():
         catalog.add(SourceModel.from_folder(ref, path, allow_pickle=spec.allow_pickle))
-    run_recipe(parse_recipe(recipe), out_dir, seed=spec.seed, overwrite=True, catalog=catalog)
+    run_recipe(parse_recipe(recipe), out_dir, seed=spec.seed, overwrite=True, catalog=catalog, notes=notes)
     return out_dir
 
 
@@ -343,12 +350,14 @@ def score_table(rows: list[tuple[str, dict]]) -> list[str]:
 def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
     rows = [("base", final["base"])] if final["base"] else []
     rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
+    baselines = final.get("baselines") or {}
+    if "uniform_task_arithmetic" in baselines:
+        ta = baselines["uniform_task_arithmetic"]
+        rows.append((f"uniform TA λ={ta['lambda']}", ta))
+    if "ties" in baselines:
+        rows.append((f"TIES d={baselines['ties']['density']} λ={baselines['ties']['lambda']}", baselines["ties"]))
     rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
-    lines = ["", "full-budget scores:"] + score_table(rows)
-    best_winner = max(w["mean_score"] for w in final["winners"])
-    if final["experts"]:
-        best_expert = max(s["mean_score"] for s in final["experts"].values())
-        lines.append(f"\nbest merge vs best expert: {100 * (best_winner - best_expert):+.1f} points of mean score")
+    lines = ["", "full-budget scores:"] + score_table(rows) + [""] + comparison_lines(final)
     for failure in final.get("failed", []):
         lines.append(f"not scored: {failure['what']}: {failure['error']}")
     lines.append(f"run folder: {run_dir}")
