@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "not with this project's semantics; the model card lists what still differs")
     replay.set_defaults(handler=cmd_replay)
 
+    status = commands.add_parser("status", help="where a search stands (running or finished), from its run folder")
+    status.add_argument("run_dir", type=Path, help="the run folder, <output_path>/<run name> (e.g. runs/lfs)")
+    status.set_defaults(handler=cmd_status)
+
     validate = commands.add_parser("validate", help="validate an experiment config without loading any model")
     validate.add_argument("--config", required=True, type=Path)
     validate.add_argument("--no-models", action="store_true",
@@ -195,6 +199,13 @@ def _load_config(path: Path, check_models: bool):
     from auto_merge.config import load_experiment
 
     return load_experiment(path, check_models=check_models)
+
+
+def cmd_status(args) -> int:
+    from auto_merge.search.status import run_status
+
+    print(run_status(args.run_dir))
+    return 0
 
 
 def cmd_validate(args) -> int:

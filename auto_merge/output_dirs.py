@@ -128,6 +128,12 @@ def _held_lock(path: Path, *, blocking: bool, busy: str) -> Iterator[None]:
         handle.close()  # releases the lock
 
 
+def run_folder_busy(run_dir: str | os.PathLike) -> bool:
+    """Whether a process holds the run folder now (a search running in it); only looks, never takes the lock."""
+    lock = Path(run_dir).with_name(f".{Path(run_dir).name}.lock")
+    return lock.is_file() and not _lock_is_free(lock)
+
+
 def _lock_is_free(path: Path) -> bool:
     try:
         with open(path, "a") as handle:

@@ -99,6 +99,11 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     assert final["compute"]["full_evaluation_examples"] == 3 * 256
     card = (result.best_model / "README.md").read_text()
     assert "## Search results" in card and "vs uniform task arithmetic (λ 0.7" in card and "vs TIES" in card
+    status = subprocess.run([sys.executable, "-m", "auto_merge.cli", "status", str(run_dir)], capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert f"{run_dir}: lfs, finished" in status.stdout and "trials: 8 (8 success)" in status.stdout
+    assert "best merge vs TIES" in status.stdout and "uniform TA λ=0.7" in status.stdout
     for plot in result.plots:
         assert plot.stat().st_size > 5000
     model = AutoModelForCausalLM.from_pretrained(result.best_model)
@@ -284,9 +289,29 @@ def test_cmaes_searches_the_weights_on_every_example_and_resumes_as_if_never_sto
     assert died.returncode == 9, died.stderr[-2000:]
     log = tmp_path / "runs" / "killed" / "trials.jsonl"
     assert len(read_trials(log)) == 3
+    from auto_merge.search.status import run_status
+
+    stopped = run_status(log.parent)
+    assert "stopped before the end" in stopped and "trials: 3 (3 success)" in stopped and "best " in stopped
     run_search(config, show_progress=False, write_model=False, run_name="killed")
     resumed = read_trials(log)
     assert [(t["configuration"], t["scores"]) for t in resumed] == [(t["configuration"], t["scores"]) for t in trials]
+
+
+def test_the_progress_shows_the_best_at_the_highest_budget_reached_not_a_low_budget_estimate():
+    from auto_merge.search.progress import best_so_far, best_text
+
+    def trial(budget, score):
+        return {"budget": budget, "score": score}
+
+    records = [trial(10, 0.9), trial(30, 0.5), trial(10, 0.95), trial(30, 0.6), trial(10, None)]
+    assert best_so_far(records[:1]) == (10, 0.9, None)
+    assert best_so_far(records) == (30, 0.6, 0.95)
+    assert best_text(best_so_far(records)) == "best 0.600 @ 30, 0.950 @ a lower budget"
+    assert best_text(best_so_far(records[:1])) == "best 0.900 @ 10"
+    assert best_so_far([trial(None, 0.7), trial(30, 0.9)]) == (None, 0.7, 0.9)  # None: every example
+    assert best_text(best_so_far([trial(None, 0.7)])) == "best 0.700 @ all"
+    assert best_so_far([trial(10, None)]) is None
 
 
 def test_cmaes_maps_each_parameter_range_to_the_unit_interval():

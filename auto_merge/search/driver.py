@@ -165,7 +165,8 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
 def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy, *, show_progress: bool,
                write_model: bool):
     """The search itself, in a run folder this process holds."""
-    from auto_merge.search.outputs import ProgressLine, TrialRecorder, finish_run, trial_key
+    from auto_merge.search.outputs import TrialRecorder, finish_run, trial_key
+    from auto_merge.search.progress import ProgressLine
     from auto_merge.search.trial import spec_cache_path
     from auto_merge.strategies import objectives_of
 

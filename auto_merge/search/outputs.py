@@ -17,7 +17,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,33 +24,11 @@ from pathlib import Path
 from smac.callback import Callback
 
 from auto_merge.search.baselines import comparison_lines, compute_spent, score_baselines
+from auto_merge.search.progress import ProgressLine, best_so_far
 from auto_merge.search.results import SearchError, SearchResult
 from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
 
 SEARCH_CONFIG_FORMAT = "auto-merge/search-config/1"
-
-
-class ProgressLine:
-    """One live line: trials done, the current budget, the best score so far and an ETA."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc="search", unit="trial", disable=not enabled, dynamic_ncols=True,
-                        file=sys.stderr)
-
-    def update(self, done: int, budget, best: float | None) -> None:
-        self.bar.n = min(done, self.bar.total)
-        budget_text = "full" if budget is None else f"{budget:g}"
-        self.bar.set_postfix_str(f"budget {budget_text}, best {best:.3f}" if best is not None else
-                                 f"budget {budget_text}", refresh=False)
-        self.bar.refresh()  # once per trial (in a log file every refresh is a new copy of the line)
-
-    def write(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class TrialRecorder(Callback):
@@ -67,8 +44,7 @@ class TrialRecorder(Callback):
         # Trials logged by an earlier process: a resume tells them to SMAC again (replayed, see the driver), and a
         # trial must not be logged twice.
         self._logged_earlier = Counter(trial_key(r) for r in self.records)
-        self.best = max((r["score"] for r in self.records if r.get("score") is not None), default=None)
-        self.progress.update(len(self.records), None, self.best)
+        self.progress.update(len(self.records), None, best_so_far(self.records))
         self._last_told = time.monotonic()
 
     @property
@@ -111,18 +87,16 @@ class TrialRecorder(Callback):
         self._last_told = time.monotonic()
         if self._logged_earlier[trial_key(record)]:
             self._logged_earlier[trial_key(record)] -= 1
-            self.progress.update(len(self.records), info.budget, self.best)
+            self.progress.update(len(self.records), info.budget, best_so_far(self.records))
             return None
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         self.records.append(record)
-        if record["score"] is not None and (self.best is None or record["score"] > self.best):
-            self.best = record["score"]
         if status != "success":
             self.progress.write(f"trial {record['trial']} {status}: {record['error'] or 'no result'}")
-        self.progress.update(len(self.records), info.budget, self.best)
+        self.progress.update(len(self.records), info.budget, best_so_far(self.records))
         return None
 
 
@@ -347,7 +321,8 @@ def score_table(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
+def final_table(final: dict) -> list[str]:
+    """The full-budget table (base, experts, baselines, winners) and the winner's comparison lines."""
     rows = [("base", final["base"])] if final["base"] else []
     rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
     baselines = final.get("baselines") or {}
@@ -357,7 +332,11 @@ def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, 
     if "ties" in baselines:
         rows.append((f"TIES d={baselines['ties']['density']} λ={baselines['ties']['lambda']}", baselines["ties"]))
     rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
-    lines = ["", "full-budget scores:"] + score_table(rows) + [""] + comparison_lines(final)
+    return ["full-budget scores:"] + score_table(rows) + [""] + comparison_lines(final)
+
+
+def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:
+    lines = [""] + final_table(final)
     for failure in final.get("failed", []):
         lines.append(f"not scored: {failure['what']}: {failure['error']}")
     lines.append(f"run folder: {run_dir}")

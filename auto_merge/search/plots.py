@@ -21,18 +21,29 @@ def draw_plots(run_dir: Path, records: list[dict], recipe: dict, strategy, final
 
 
 def progress_plot(path: Path, records: list[dict], final: dict) -> Path:
-    """Best score so far against evaluation examples spent (the search's cost), per budget level."""
+    """The best score at the highest budget reached so far against evaluation examples spent (the search's cost).
+    Trials at lower budgets are drawn apart: their scores are estimates on fewer examples, never the best so far."""
     import matplotlib.pyplot as plt
 
-    spent, best, points = 0, None, []
-    for record in sorted(records, key=lambda r: r["trial"]):
+    from auto_merge.search.progress import best_so_far
+
+    ordered = sorted(records, key=lambda r: r["trial"])
+    top = max((r["budget"] for r in ordered if r.get("score") is not None),
+              key=lambda b: float("inf") if b is None else b, default=None)
+    spent, curve, at_top, lower = 0, [], [], []
+    for index, record in enumerate(ordered):
         spent += sum((record.get("examples") or {}).values())
-        if record["score"] is not None and (best is None or record["score"] > best):
-            best = record["score"]
-        points.append((spent, best, record["score"], record["budget"]))
+        best = best_so_far(ordered[: index + 1])
+        curve.append((spent, None if best is None else best[1]))
+        if record.get("score") is not None:
+            (at_top if record["budget"] == top else lower).append((spent, record["score"]))
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step([p[0] for p in points], [p[1] for p in points], where="post", label="best so far (at its budget)")
-    ax.scatter([p[0] for p in points], [p[2] for p in points], s=10, alpha=0.5, c="gray", label="trials")
+    ax.step([x for x, _ in curve], [y for _, y in curve], where="post", color="tab:blue",
+            label="best so far at the highest budget reached")
+    top_label = "all examples" if top is None else f"budget {top:g}"
+    ax.scatter([x for x, _ in at_top], [y for _, y in at_top], s=14, c="black", label=f"trials at {top_label}")
+    ax.scatter([x for x, _ in lower], [y for _, y in lower], s=8, alpha=0.4, c="gray",
+               label="trials at lower budgets (estimates)")
     if final["experts"]:  # none when every expert failed to score
         best_expert = max(s["mean_score"] for s in final["experts"].values())
         ax.axhline(best_expert, color="tab:red", linestyle="--", label=f"best expert (full) {best_expert:.3f}")
