@@ -314,6 +314,22 @@ def test_the_progress_shows_the_best_at_the_highest_budget_reached_not_a_low_bud
     assert best_so_far([trial(10, None)]) is None
 
 
+def test_status_says_running_while_a_process_holds_the_run_folder(tmp_path):
+    import fcntl
+
+    from auto_merge.search.status import run_status
+
+    run_dir = tmp_path / "runs" / "lfs"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"strategy": {"strategy": "lfs"}, "config_file": "exp.yaml",
+                                                  "started": "2026-12-03 10:00:00"}))
+    assert "lfs, stopped before the end" in run_status(run_dir) and "trials: 0" in run_status(run_dir)
+    with open(tmp_path / "runs" / ".lfs.lock", "a") as lock:  # what a running search holds (output_dirs)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert f"{run_dir}: lfs, running" in run_status(run_dir)
+    assert f"{run_dir}: lfs, stopped before the end" in run_status(run_dir)  # the lock was released
+
+
 def test_cmaes_maps_each_parameter_range_to_the_unit_interval():
     from ConfigSpace import ConfigurationSpace, UniformFloatHyperparameter, UniformIntegerHyperparameter
 
