@@ -99,6 +99,10 @@ def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
     assert final["compute"]["full_evaluation_examples"] == 3 * 256
     card = (result.best_model / "README.md").read_text()
     assert "## Search results" in card and "vs uniform task arithmetic (λ 0.7" in card and "vs TIES" in card
+    report = (run_dir / "report.html").read_text()  # self-contained: the plots are embedded
+    assert report.count("data:image/png;base64,") == len(result.plots) >= 2 and "<script" not in report
+    assert "Full-budget scores" in report and "best merge vs TIES" in report and "Winner's recipe" in report
+    assert "merge_method" in report and report.count("<tr class=") == 8 + len(final["experts"]) + 4  # trials + rows
     status = subprocess.run([sys.executable, "-m", "auto_merge.cli", "status", str(run_dir)], capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert status.returncode == 0, status.stderr[-2000:]

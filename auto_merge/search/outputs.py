@@ -25,6 +25,7 @@ from smac.callback import Callback
 
 from auto_merge.search.baselines import comparison_lines, compute_spent, score_baselines
 from auto_merge.search.progress import ProgressLine, best_so_far
+from auto_merge.search.report import REFRESH_SECONDS, REPORT_FILE, write_report
 from auto_merge.search.results import SearchError, SearchResult
 from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
 
@@ -46,6 +47,7 @@ class TrialRecorder(Callback):
         self._logged_earlier = Counter(trial_key(r) for r in self.records)
         self.progress.update(len(self.records), None, best_so_far(self.records))
         self._last_told = time.monotonic()
+        self._report_written, self._report_failed = -math.inf, False
 
     @property
     def completed(self) -> int:
@@ -97,7 +99,21 @@ class TrialRecorder(Callback):
         if status != "success":
             self.progress.write(f"trial {record['trial']} {status}: {record['error'] or 'no result'}")
         self.progress.update(len(self.records), info.budget, best_so_far(self.records))
+        self._refresh_report()
         return None
+
+    def _refresh_report(self) -> None:
+        """report.html of the run so far, at most every REFRESH_SECONDS; a failure to write it is said once and
+        never stops the search."""
+        if time.monotonic() - self._report_written < REFRESH_SECONDS:
+            return
+        self._report_written = time.monotonic()
+        try:
+            write_report(self.path.parent, self.records)
+        except Exception as error:  # a convenience view: the trial itself is already logged
+            if not self._report_failed:
+                self.progress.write(f"note: could not refresh {REPORT_FILE}: {type(error).__name__}: {error}")
+            self._report_failed = True
 
 
 def _default_error(status: str) -> str | None:
@@ -271,6 +287,11 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
     except Exception as error:  # plots are a convenience; never the reason a finished search fails
         plots = []
         scoring.record("plots", error)
+        write_json_atomic(run_dir / "final_scores.json", final)
+    try:
+        write_report(run_dir, read_trials(run_dir / "trials.jsonl"), final)
+    except Exception as error:  # like the plots: the run's results are already saved
+        scoring.record("report.html", error)
         write_json_atomic(run_dir / "final_scores.json", final)
     print(render_final(final, strategy, run_dir, best_model, plots))
     return SearchResult(run_dir=run_dir, best_configs=exported, best_model=best_model, final_scores=final,
