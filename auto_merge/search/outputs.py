@@ -342,8 +342,8 @@ def score_table(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
-def final_table(final: dict) -> list[str]:
-    """The full-budget table (base, experts, baselines, winners) and the winner's comparison lines."""
+def final_rows(final: dict) -> list[tuple[str, dict]]:
+    """(label, entry) of every full-budget score: base, experts, baselines, then the winner(s) (last)."""
     rows = [("base", final["base"])] if final["base"] else []
     rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
     baselines = final.get("baselines") or {}
@@ -353,7 +353,12 @@ def final_table(final: dict) -> list[str]:
     if "ties" in baselines:
         rows.append((f"TIES d={baselines['ties']['density']} λ={baselines['ties']['lambda']}", baselines["ties"]))
     rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
-    return ["full-budget scores:"] + score_table(rows) + [""] + comparison_lines(final)
+    return rows
+
+
+def final_table(final: dict) -> list[str]:
+    """The full-budget table (base, experts, baselines, winners) and the winner's comparison lines."""
+    return ["full-budget scores:"] + score_table(final_rows(final)) + [""] + comparison_lines(final)
 
 
 def render_final(final: dict, strategy, run_dir: Path, best_model: Path | None, plots: list[Path]) -> str:

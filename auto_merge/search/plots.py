@@ -28,8 +28,8 @@ def progress_plot(path: Path, records: list[dict], final: dict) -> Path:
     from auto_merge.search.progress import best_so_far
 
     ordered = sorted(records, key=lambda r: r["trial"])
-    top = max((r["budget"] for r in ordered if r.get("score") is not None),
-              key=lambda b: float("inf") if b is None else b, default=None)
+    overall = best_so_far(ordered)
+    top = overall[0] if overall else None
     spent, curve, at_top, lower = 0, [], [], []
     for index, record in enumerate(ordered):
         spent += sum((record.get("examples") or {}).values())

@@ -78,23 +78,16 @@ def render_report(run_dir: Path, records: list[dict], final: dict | None) -> str
 
 
 def _scores_table(final: dict) -> str:
-    rows = [("base", final.get("base"), "")] + [(f"expert {m}", s, "") for m, s in final["experts"].items()]
-    baselines = final.get("baselines") or {}
-    if "uniform_task_arithmetic" in baselines:
-        ta = baselines["uniform_task_arithmetic"]
-        rows.append((f"uniform task arithmetic λ={ta['lambda']}", ta, ""))
-    if "ties" in baselines:
-        ties = baselines["ties"]
-        rows.append((f"TIES density {ties['density']}, λ {ties['lambda']}", ties, ""))
-    winners = final["winners"]
-    rows += [("winner" if len(winners) == 1 else f"front member {i}", w, "winner") for i, w in enumerate(winners)]
-    rows = [(label, entry, css) for label, entry, css in rows if entry]
+    from auto_merge.search.outputs import final_rows
+
+    rows = final_rows(final)
+    winners = len(final["winners"])
     tasks = list(rows[-1][1]["scores"])
     head = "<tr><th>model</th>" + "".join(f"<th>{_e(t)}</th>" for t in tasks) + "<th>mean</th></tr>"
     body = "".join(
-        f"<tr class='{css}'><td>{_e(label)}</td>" + "".join(f"<td>{entry['scores'].get(t, float('nan')):.3f}</td>"
-                                                            for t in tasks)
-        + f"<td>{entry['mean_score']:.3f}</td></tr>" for label, entry, css in rows)
+        f"<tr class='{'winner' if index >= len(rows) - winners else ''}'><td>{_e(label)}</td>"
+        + "".join(f"<td>{entry['scores'].get(t, float('nan')):.3f}</td>" for t in tasks)
+        + f"<td>{entry['mean_score']:.3f}</td></tr>" for index, (label, entry) in enumerate(rows))
     return f"<table>{head}{body}</table>"
 
 
