@@ -95,6 +95,25 @@ def test_a_budget_selects_a_seeded_shuffle_prefix():
     assert subsets.examples(50) == {"a": 50, "b": 4}
 
 
+def test_strata_are_interleaved_so_every_prefix_holds_each_in_its_share():
+    docs = {"t": [DocumentRef("t", i) for i in range(30)], "u": [DocumentRef("u", i) for i in range(5)]}
+    # 18 documents every source answers, 9 only one expert answers, 3 none does.
+    labels = {ref: "all" if ref.doc_id < 18 else "one" if ref.doc_id < 27 else "none" for ref in docs["t"]}
+    rule = BudgetRule(reference_size=30, min_examples=1)
+    subsets = NestedSubsets(docs, seed=3, rule=rule, strata={"t": labels})
+    order = subsets.order["t"]
+    assert sorted(order) == docs["t"]  # each document once
+    for k in range(1, 31):
+        prefix = [labels[ref] for ref in order[:k]]
+        for name, size in (("all", 18), ("one", 9), ("none", 3)):
+            assert abs(prefix.count(name) - size * k / 30) < 1 + 1e-9, (k, name, prefix)
+    assert subsets.select(10)["t"] == order[:10]  # still one order, so budgets stay nested
+    assert NestedSubsets(docs, seed=3, rule=rule, strata={"t": labels}).order == subsets.order
+    other = NestedSubsets(docs, seed=4, rule=rule, strata={"t": labels}).order["t"]
+    assert other != order and [labels[r] for r in other] == [labels[r] for r in order]  # same pattern, new draws
+    assert subsets.order["u"] == NestedSubsets(docs, seed=3, rule=rule).order["u"]  # unlabelled: as before
+
+
 # ------------------------------------------------------------------------------------------------- nesting
 
 

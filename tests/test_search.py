@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_workers: int = 1,
                  merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml",
-                 baselines: bool = False) -> Path:
+                 baselines: bool = False, stratify: str = "none") -> Path:
     block = {
         "base_model": "zoo:base",
         "models": ["zoo:num", "zoo:wrd", "zoo:col"],
@@ -44,7 +44,7 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
             "baselines": baselines,  # 5 more full evaluations per run: on where a test looks at them
             "output_path": str(folder / "runs"),
             "evaluation": {
-                "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
+                "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"), "stratify": stratify,
                 "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_wrd", "zoo_col")],
             },
         },
@@ -212,13 +212,57 @@ def test_failing_trials_are_recorded_and_the_search_goes_on(tmp_path):
     assert result.final_scores["winners"][0]["recipe"]["slices"][0]["merge_method"] == "task_arithmetic"
 
 
-def test_two_dask_workers_share_the_trials(tmp_path):
-    config = write_config(tmp_path, n_trials=6, n_workers=2)
-    result = run_search(config, show_progress=False, write_model=False)
-    trials = read_trials(result.run_dir / "trials.jsonl")
-    assert len(trials) == 6 and all(t["status"] == "success" for t in trials)
-    workers = {t["worker_pid"] for t in trials}
+def test_two_dask_workers_are_kept_fed_and_a_killed_parallel_search_resumes(tmp_path):
+    """The asynchronous loop (search/parallel.py): both workers run trials, each asked trial is logged once with when
+    it ran, and a run killed mid-way resumes to its full count without repeating a finished trial."""
+    from auto_merge.search.parallel import worker_busy
+
+    config = write_config(tmp_path, n_trials=14, n_workers=2, optimizer="successive_halving")
+    log = tmp_path / "runs" / "lfs" / "trials.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "auto_merge.cli", "search", "--config", str(config), "--no-model"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_trials(log)) < 5:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = read_trials(log)
+    assert 5 <= len(done_before) < 14
+
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    trials = read_trials(log)
+    assert trials[: len(done_before)] == done_before
+    keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"]) for t in trials]
+    assert len(set(keys)) == len(keys), "a completed trial was run again"
+    # In flight when killed: at most one running and one queued trial per worker are lost.
+    assert len(trials) >= 14 - 4 and all(t["status"] == "success" for t in trials)
+    new = trials[len(done_before):]
+    assert {t["budget"] for t in trials} >= {10.0, 30.0}  # the rungs still promote
+    workers = {t["worker_pid"] for t in new}
     assert len(workers) == 2 and os.getpid() not in workers
+    assert all(t["ended_unix"] >= t["started_unix"] > 0 for t in new)
+    busy = worker_busy(new)
+    assert len(busy) == 2 and all(0 < share <= 1 for share in busy.values())
+
+
+def test_stratified_low_budgets_score_the_sources_first_and_count_it_as_compute(tmp_path):
+    config = write_config(tmp_path, n_trials=4, stratify="sources")
+    result = run_search(config, show_progress=False, write_model=False)
+    record = json.loads((result.run_dir / "stratify.json").read_text())
+    full = 3 * 256
+    assert record["examples_evaluated"] == 4 * full  # base + 3 experts, every document, from an empty cache
+    # zoo_num: the facts every source knows, and the new ones only the num expert knows (docs/zoo.md).
+    assert record["strata_per_task"]["zoo_num"] == 2
+    compute = result.final_scores["compute"]
+    trials = read_trials(result.run_dir / "trials.jsonl")
+    assert compute["stratify_examples"] == 4 * full
+    assert compute["examples_evaluated"] == 4 * full + sum(t["evaluated_examples"] for t in trials)
+    assert result.final_scores["experts"]["zoo:num"]["mean_score"] > 0.6  # scored from the cached results
+    again = run_search(config, show_progress=False, write_model=False)  # a rerun does not reset what it cost
+    assert json.loads((again.run_dir / "stratify.json").read_text()) == record
 
 
 def test_multi_objective_search_exports_a_pareto_front(tmp_path):

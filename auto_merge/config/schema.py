@@ -323,6 +323,12 @@ class EvaluationSettings(StrictModel):
                                 "same share of its documents), or is a fraction in (0, 1] of every task")
     min_examples_per_task: int = Field(
         10, ge=0, description="New. Smallest number of documents any task runs at any budget")
+    stratify: Literal["none", "sources"] = Field(
+        "none", description="New. Which documents a small budget takes. none: a seeded random prefix of each task. "
+                            "sources: before the search, the base and each expert are scored on every document (the "
+                            "end of the run scores them anyway; their results are cached) and each task's order "
+                            "interleaves the groups of documents the sources answer alike (and each subtask of a "
+                            "group), so every budget holds each group in its share of the task")
 
     @field_validator("num_fewshot", "limit", mode="before")
     @classmethod
@@ -588,6 +594,10 @@ class SearchSettings(StrictModel):
                           "instead of starting a local cluster of n_workers")
     trial_walltime_limit: Optional[float] = Field(
         None, gt=0, description="New. Seconds after which a trial is stopped and recorded as a timeout")
+    queued_per_worker: int = Field(
+        1, ge=0, le=8, description="New. With several workers (n_workers > 1 or dask_scheduler): trials queued on "
+                                   "each worker beyond the one it runs, so that no worker waits while the search "
+                                   "picks the next trial; 0 submits a trial only to an idle worker")
     run_name: Optional[str] = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
         description="New. Folder name of this run under output_path (default: the strategy): one plain name, "

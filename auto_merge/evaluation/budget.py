@@ -15,6 +15,11 @@ driver passes its `max_budget` so that the largest budget is a full run of every
 So every task runs the same share of its documents: at b = R/3 a 2,000-document task runs 667 and a 90-document one
 30, and both are complete only at b = R. `min_examples` (default 10) keeps tiny budgets from scoring a small task on
 one or two documents. `examples` never decreases when b grows, so the selections are nested.
+
+**Strata** (optional). A random prefix of 28 documents may hold 10 or 18 of the 14 that, say, only one expert answers,
+and that noise decides which candidates a successive-halving rung promotes. Given a label per document (the search
+labels each by how the source models answer it: `evaluation.stratify: sources`), the order interleaves the labels so
+that every prefix holds each in its share; still one fixed order per task, so the selections stay nested.
 """
 
 from __future__ import annotations
@@ -82,16 +87,41 @@ def seeded_order(task: str, documents: Sequence[DocumentRef], seed: int) -> list
     return order
 
 
-class NestedSubsets:
-    """Per configured task, its documents in a fixed seeded order; a budget selects a prefix of each."""
+def stratified_order(task: str, documents: Sequence[DocumentRef], labels: Mapping[DocumentRef, str],
+                     seed: int) -> list[DocumentRef]:
+    """The task's documents in a fixed order whose every prefix holds each stratum (documents of one label) in
+    proportion to its size, to within one document: each stratum is shuffled with the seed, then the next document
+    always comes from the stratum furthest below its share (ties: the larger stratum, then the label)."""
+    strata: dict[str, list[DocumentRef]] = {}
+    for ref in sorted(documents):
+        strata.setdefault(labels.get(ref, ""), []).append(ref)
+    names = sorted(strata, key=lambda name: (-len(strata[name]), name))
+    for name in names:
+        random.Random(shuffle_seed(seed, f"{task}\0{name}")).shuffle(strata[name])
+    total, taken, order = len(documents), dict.fromkeys(names, 0), []
+    for position in range(1, total + 1):
+        name = max((n for n in names if taken[n] < len(strata[n])),
+                   key=lambda n: (len(strata[n]) * position / total - taken[n], len(strata[n])))
+        order.append(strata[name][taken[name]])
+        taken[name] += 1
+    return order
 
-    def __init__(self, documents: Mapping[str, Sequence[DocumentRef]], seed: int, rule: BudgetRule):
+
+class NestedSubsets:
+    """Per configured task, its documents in a fixed seeded order; a budget selects a prefix of each.
+
+    `strata` (task -> document -> label), when given for a task, orders it with :func:`stratified_order`."""
+
+    def __init__(self, documents: Mapping[str, Sequence[DocumentRef]], seed: int, rule: BudgetRule,
+                 strata: Mapping[str, Mapping[DocumentRef, str]] | None = None):
         empty = [task for task, docs in documents.items() if not docs]
         if empty:
             raise ValueError(f"task(s) without documents to evaluate: {', '.join(empty)}")
         self.rule = rule
         self.seed = seed
-        self.order = {task: seeded_order(task, docs, seed) for task, docs in documents.items()}
+        strata = strata or {}
+        self.order = {task: stratified_order(task, docs, strata[task], seed) if task in strata
+                      else seeded_order(task, docs, seed) for task, docs in documents.items()}
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -126,6 +126,33 @@ class BudgetedEvaluator:
         documents). The fingerprint must change whenever the weights do: results are reused by it."""
         started = time.perf_counter()
         selection = self.subsets.order if budget is None else self.subsets.select(budget)
+        values, wanted, missing, model_seconds, forward_seconds = self._document_metrics(fingerprint, selection)
+        scores = {o.task: self._score(self.suite.units[o.task], o, selection[o.task], values)
+                  for o in self.objectives}
+        costs = {o.task: task_cost(scores[o.task], o.higher_is_better) for o in self.objectives}
+        evaluated = sum(len(ids) for ids in missing.values())
+        return TrialScores(
+            fingerprint=fingerprint, budget=None if budget is None else float(budget), scores=scores,
+            costs=costs, cost=aggregate_cost(costs, self.objectives, self.aggregate),
+            examples={task: len(docs) for task, docs in selection.items()}, evaluated=evaluated,
+            cached=sum(len(ids) for ids in wanted.values()) - evaluated, seconds=time.perf_counter() - started,
+            model_seconds=model_seconds if evaluated else 0.0, forward_seconds=forward_seconds)
+
+    def document_values(self, fingerprint: str) -> tuple[dict[str, dict[DocumentRef, Any]], int]:
+        """Per configured task, each document's value of the task's metric for the current weights (`fingerprint`),
+        on every document (cached like any evaluation); and how many documents had to be run."""
+        selection = self.subsets.order
+        values, _, missing, _, _ = self._document_metrics(fingerprint, selection)
+        per_task = {o.task: {ref: values[ref.task][ref.doc_id].get(o.metric) for ref in selection[o.task]}
+                    for o in self.objectives}
+        return per_task, sum(len(ids) for ids in missing.values())
+
+    def stratify(self, strata: Mapping[str, Mapping[DocumentRef, str]]) -> None:
+        """Order each task's documents by strata (task -> document -> label, see budget.stratified_order)."""
+        self.subsets = NestedSubsets(self.subsets.order, self.seed, self.subsets.rule, strata)
+
+    def _document_metrics(self, fingerprint: str, selection: Mapping[str, Sequence[DocumentRef]]):
+        """Per-document metrics of `selection`: from the cache, the rest run now (and cached)."""
         wanted: dict[str, set[int]] = {}
         for documents in selection.values():
             for ref in documents:
@@ -141,18 +168,7 @@ class BudgetedEvaluator:
         self.cache.put(fingerprint, {(leaf, self.contexts[leaf]): docs for leaf, docs in fresh.items()})
         for leaf, docs in fresh.items():
             values[leaf].update(docs)
-
-        scores = {o.task: self._score(self.suite.units[o.task], o, selection[o.task], values)
-                  for o in self.objectives}
-        costs = {o.task: task_cost(scores[o.task], o.higher_is_better) for o in self.objectives}
-        evaluated = sum(len(ids) for ids in missing.values())
-        return TrialScores(
-            fingerprint=fingerprint, budget=None if budget is None else float(budget), scores=scores,
-            costs=costs, cost=aggregate_cost(costs, self.objectives, self.aggregate),
-            examples={task: len(docs) for task, docs in selection.items()}, evaluated=evaluated,
-            cached=sum(len(ids) for ids in wanted.values()) - evaluated, seconds=time.perf_counter() - started,
-            model_seconds=model_seconds if evaluated else 0.0,
-            forward_seconds=self.live.forward_seconds - forward_before)
+        return values, wanted, missing, model_seconds, self.live.forward_seconds - forward_before
 
     def _score(self, unit: TaskUnit, objective: TaskObjective, documents: Sequence[DocumentRef],
                values: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> float:

@@ -44,12 +44,15 @@ def score_baselines(base_model: str, models: Sequence[str], scored: Callable[[st
     return result
 
 
-def compute_spent(trials: Sequence[dict], full_evaluation: int | None) -> dict:
-    """What the search's trials cost: trials, examples evaluated (cache hits excluded) and, given the number of
-    examples of one full evaluation, that as full evaluations."""
-    evaluated = sum(int(t.get("evaluated_examples") or 0) for t in trials)
+def compute_spent(trials: Sequence[dict], full_evaluation: int | None, stratify_examples: int = 0) -> dict:
+    """What the search's trials cost: trials, examples evaluated (cache hits excluded; with `evaluation.stratify:
+    sources`, the sources' scoring before the search included) and, given the number of examples of one full
+    evaluation, that as full evaluations."""
+    evaluated = sum(int(t.get("evaluated_examples") or 0) for t in trials) + stratify_examples
     spent = {"trials": len(trials), "examples_evaluated": evaluated,
              "examples_from_cache": sum(int(t.get("cached_examples") or 0) for t in trials)}
+    if stratify_examples:
+        spent["stratify_examples"] = stratify_examples
     if full_evaluation:
         spent["full_evaluation_examples"] = full_evaluation
         spent["full_evaluations"] = round(evaluated / full_evaluation, 2)
@@ -81,6 +84,8 @@ def comparison_lines(final: dict) -> list[str]:
                 if "full_evaluations" in spent else "")
         baseline_runs = len(baselines.get("uniform_task_arithmetic", {}).get("grid", {})) + ("ties" in baselines)
         took = f"; the baselines took {baseline_runs} full evaluations" if baseline_runs else ""
+        sources = (f" ({spent['stratify_examples']} of them scoring the sources first, evaluation.stratify)"
+                   if spent.get("stratify_examples") else "")
         lines.append(f"search compute: {spent['trials']} trials, {spent['examples_evaluated']} examples evaluated"
-                     f"{full}{took}")
+                     f"{sources}{full}{took}")
     return lines

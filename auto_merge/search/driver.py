@@ -110,6 +110,26 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
     return facade(scenario, target, intensifier=intensifier, initial_design=initial_design, **common)
 
 
+def _with_source_strata(spec: TrialSpec, run_dir: Path, client, progress) -> TrialSpec:
+    """`evaluation.stratify: sources`: the base and each expert scored on every document (on a worker, whose runner
+    then stays for its trials), and the spec carrying each document's label. What that evaluated counts as search
+    compute (STRATA_RECORD, kept from the first start: a resume finds the results cached)."""
+    from auto_merge.output_dirs import write_json_atomic
+    from auto_merge.search.outputs import STRATA_RECORD
+    from auto_merge.search.trial import compute_strata
+
+    progress.write("scoring the base and each expert on every example (evaluation.stratify: sources)")
+    if client is not None:
+        strata, evaluated = client.submit(compute_strata, spec, pure=False).result()
+    else:
+        strata, evaluated = compute_strata(spec)
+    record = run_dir / STRATA_RECORD
+    if not record.exists():
+        labels = {task: len(set(doc_labels.values())) for task, doc_labels in strata.items()}
+        write_json_atomic(record, {"examples_evaluated": evaluated, "strata_per_task": labels})
+    return dataclasses.replace(spec, strata=strata)
+
+
 def _dask_client(block, progress):
     if block.dask_scheduler:
         from dask.distributed import Client
@@ -209,6 +229,10 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         progress.write(f"run folder: {run_dir}")
     client = cluster = None
     try:
+        if block.optimizer != "cmaes":
+            client, cluster = _dask_client(block, progress)
+        if config.global_params.evaluation.stratify == "sources":
+            spec = _with_source_strata(spec, run_dir, client, progress)
         if block.optimizer == "cmaes":
             from auto_merge.search.cmaes_search import CMAESSearch
 
@@ -219,11 +243,18 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
                                seed=config.global_params.random_seed, budget=None, crash_cost=CRASH_COST)
             smac.optimize()
         else:
-            client, cluster = _dask_client(block, progress)
             # A kill mid-save must not leave a state the rerun cannot read.
             with atomic_state_writes(), _without_smacs_empty_mean_warnings():
-                smac = _facade(config, strategy, space, spec, run_dir, n_trials, client, [recorder])
-                smac.optimize()
+                # With workers, our own ask/tell loop submits the trials (search/parallel.py): SMAC never holds
+                # the client.
+                smac = _facade(config, strategy, space, spec, run_dir, n_trials, None, [recorder])
+                if client is None:
+                    smac.optimize()
+                else:
+                    from auto_merge.search.parallel import optimize_on_workers
+
+                    optimize_on_workers(smac, client, queued_per_worker=block.queued_per_worker)
+                    smac.optimizer.save()
     except KeyboardInterrupt:
         progress.close()
         print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "

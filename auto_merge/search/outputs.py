@@ -27,9 +27,10 @@ from auto_merge.search.baselines import comparison_lines, compute_spent, score_b
 from auto_merge.search.progress import ProgressLine, best_so_far
 from auto_merge.search.report import REFRESH_SECONDS, REPORT_FILE, write_report
 from auto_merge.search.results import SearchError, SearchResult
-from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY
+from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY, source_alone
 
 SEARCH_CONFIG_FORMAT = "auto-merge/search-config/1"
+STRATA_RECORD = "stratify.json"  # evaluation.stratify: sources — what scoring the sources first cost (the driver)
 
 
 class TrialRecorder(Callback):
@@ -81,6 +82,9 @@ class TrialRecorder(Callback):
             # Wall time since the previous result (or the start): also SMAC's own work, scheduling and model loading.
             "since_previous_seconds": round(time.monotonic() - self._last_told, 3),
             "worker_pid": extra.get("worker_pid"),
+            # When the trial ran (SMAC's runner clocks it on the worker): worker busy time (search/parallel.py).
+            "started_unix": round(value.starttime, 3) if value.starttime else None,
+            "ended_unix": round(value.endtime, 3) if value.endtime else None,
             "error": extra.get("error") or _default_error(status),
             "traceback": extra.get("traceback"),
             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -246,19 +250,17 @@ def finish_run(smac, config, strategy, spec, run_dir: Path, objectives: tuple[st
                                  "mean_score": statistics.fmean(best["scores"].values()), "recipe": best["recipe"],
                                  "budget": best["budget"], "note": "full-budget scoring failed; scores at this budget"})
     for expert in strategy.models:
-        alone = {"base_model": strategy.base_model, "merge_method": "linear",
-                 "models": [{"model": expert, "parameters": {"weight": 1.0}}]}
-        entry = scored(f"expert {expert}", alone)
+        entry = scored(f"expert {expert}", source_alone(expert, strategy.base_model))
         if entry is not None:
             final["experts"][expert] = entry
-    base_alone = {"base_model": strategy.base_model, "merge_method": "linear",
-                  "models": [{"model": strategy.base_model, "parameters": {"weight": 1.0}}]}
-    final["base"] = scored("base model", base_alone)
+    final["base"] = scored("base model", source_alone(strategy.base_model, strategy.base_model))
     if config.global_params.baselines:
         final["baselines"] = score_baselines(strategy.base_model, strategy.models, scored)
     trials = read_trials(run_dir / "trials.jsonl")
     full_evaluation = max((w.get("examples", 0) for w in final["winners"]), default=0)
-    final["compute"] = compute_spent(trials, full_evaluation)
+    strata_record = run_dir / STRATA_RECORD
+    stratify_examples = json.loads(strata_record.read_text())["examples_evaluated"] if strata_record.exists() else 0
+    final["compute"] = compute_spent(trials, full_evaluation, stratify_examples)
     write_json_atomic(run_dir / "final_scores.json", final)
 
     export_dir = run_dir / "search_config"

@@ -13,7 +13,7 @@ def run_fingerprint(config, strategy, sources: dict[str, str]) -> str:
     """What must match for a rerun to resume rather than start over: the space, the objective, the schedule and the
     source models' files (`sources`, from source_identities)."""
     block = config.selected
-    search = block.model_dump(exclude={"n_workers", "dask_scheduler", "run_name"})
+    search = block.model_dump(exclude={"n_workers", "dask_scheduler", "queued_per_worker", "run_name"})
     evaluation = config.global_params.evaluation.model_dump(exclude={"batch_size", "device"})
     payload = {
         "strategy": strategy.describe(),

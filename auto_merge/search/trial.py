@@ -40,6 +40,8 @@ class TrialSpec:
     # A resumed run: trial key -> what that trial gave before (see TrialTarget): SMAC is run again from the start and
     # told these results instantly, so it re-derives its whole state and goes on exactly as an uninterrupted run.
     replay: dict = field(default_factory=dict)
+    # evaluation.stratify: sources — task -> document -> label (how the sources answer it), from `source_strata`.
+    strata: dict = field(default_factory=dict)
 
 
 def recipe_fingerprint(recipe: dict, seed: int) -> str:
@@ -76,6 +78,7 @@ class TrialRunner:
         for ref, path in spec.model_paths.items():
             catalog.add(SourceModel.from_folder(ref, path, allow_pickle=spec.allow_pickle))
         self.merger = LiveMerger(self.model, catalog, device=device)
+        self._strata: dict | None = None
         self.evaluator = BudgetedEvaluator(
             spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,
             config_dir=spec.config_dir, allow_code_execution=spec.evaluation.allow_code_execution,
@@ -113,8 +116,47 @@ class TrialRunner:
             "worker_pid": os.getpid(),
         }
 
+    def source_strata(self) -> tuple[dict, int]:
+        """Each task's documents labelled by how the base and each expert answer them (their metric values), for
+        `evaluation.stratify: sources`; and how many documents had to be evaluated (the rest came from the cache).
+        Each source alone is scored like any recipe, so the end of the run finds these results cached."""
+        base = self.spec.strategy["base_model"]
+        per_source, evaluated = [], 0
+        for ref in dict.fromkeys([base, *self.strategy.models]):
+            recipe = source_alone(ref, base)
+            self.merger.apply(recipe, seed=self.spec.seed)
+            values, count = self.evaluator.document_values(recipe_fingerprint(recipe, self.spec.seed))
+            per_source.append(values)
+            evaluated += count
+        strata = {task: {doc: "|".join([doc.task, *(_label(values[task][doc]) for values in per_source)])
+                         for doc in documents}
+                  for task, documents in per_source[0].items()}
+        return strata, evaluated
+
+    def use_strata(self, strata: dict) -> None:
+        if strata and self._strata is not strata:
+            self.evaluator.stratify(strata)
+            self._strata = strata
+
     def close(self) -> None:
         self.evaluator.close()
+
+
+def source_alone(ref: str, base_model: str) -> dict:
+    """The recipe of one source model as it is (how the end of a run scores the experts and the base: one recipe,
+    so one fingerprint and one set of cached results)."""
+    return {"base_model": base_model, "merge_method": "linear",
+            "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+
+
+def _label(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def compute_strata(spec: "TrialSpec") -> tuple[dict, int]:
+    """`TrialRunner.source_strata` in this process (the driver's, or a dask worker's: submitted there, the runner it
+    builds stays for that worker's trials)."""
+    return runner_for(spec).source_strata()
 
 
 def check_finite(model) -> None:
@@ -136,6 +178,7 @@ def runner_for(spec: TrialSpec) -> TrialRunner:
         for stale in list(_RUNNERS):  # one run per process: release a previous run's models
             _RUNNERS.pop(stale).close()
         runner = _RUNNERS[spec.run_id] = TrialRunner(spec)
+    runner.use_strata(spec.strata)
     return runner
 
 
