@@ -1,6 +1,6 @@
 """Benchmark: how busy each dask worker is during a search, with and without queued trials (issue 15 item 2).
 
-    .venv/bin/python bench/parallel_workers.py [--workers 2] [--queued 0 1] [--seeds 0] [--n-trials 90]
+    .venv/bin/python bench/parallel_workers.py [--workers 2] [--queued 0 1 auto] [--seeds 0] [--n-trials 90]
 
 Runs the demo LFS search (exp_config/config_lfs.yaml, successive halving) with `n_workers` workers, once per
 `queued_per_worker` value, and prints per run: wall time, each worker's busy share (time running a trial / the
@@ -27,7 +27,9 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"})
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--queued", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--queued", nargs="+", default=["0", "1", "auto"],
+                        help="queued_per_worker values: a number (0 = only idle workers get a trial, as SMAC's own "
+                             "loop) or auto")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--n-trials", type=int, default=90)
     parser.add_argument("--out", type=Path, default=Path("/tmp/auto-merge-parallel-workers"))
@@ -47,7 +49,8 @@ def main() -> None:
         for queued in args.queued:
             name = f"seed{seed}-queued{queued}"
             config["global_params"]["random_seed"] = seed
-            config["strategies"] = {"lfs": {**block, "n_workers": args.workers, "queued_per_worker": queued,
+            setting = queued if queued == "auto" else int(queued)
+            config["strategies"] = {"lfs": {**block, "n_workers": args.workers, "queued_per_worker": setting,
                                             "n_trials": args.n_trials, "run_name": name}}
             path = args.out / f"{name}.yaml"
             path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -246,6 +246,9 @@ def test_two_dask_workers_are_kept_fed_and_a_killed_parallel_search_resumes(tmp_
     assert all(t["ended_unix"] >= t["started_unix"] > 0 for t in new)
     busy = worker_busy(new)
     assert len(busy) == 2 and all(0 < share <= 1 for share in busy.values())
+    from auto_merge.search.status import run_status
+
+    assert "workers: 2, each busy" in run_status(log.parent)
 
 
 def test_stratified_low_budgets_score_the_sources_first_and_count_it_as_compute(tmp_path):
@@ -478,3 +481,25 @@ def test_a_search_killed_while_saving_a_trial_resumes_without_logging_it_twice(t
     keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"], t["seed"]) for t in trials]
     assert len(set(keys)) == len(keys), "a trial was logged twice"
     assert [t["trial"] for t in trials] == list(range(len(trials))) and len(trials) >= 6
+
+
+def test_the_auto_queue_covers_the_slowest_recent_turn_with_headroom():
+    from auto_merge.search.parallel import MAX_QUEUED, START_QUEUED, QueueDepth, worker_busy
+
+    assert QueueDepth(3).value == 3 and QueueDepth(0).value == 0
+    depth = QueueDepth("auto")
+    assert depth.value == START_QUEUED  # nothing timed yet
+    depth.turns.extend([0.05, 2.0, 0.1])
+    depth.trials.extend([0.2, 0.25, 0.3])
+    assert depth.value == 12  # ceil(1.5 * 2.0 / 0.25)
+    depth.trials.extend([60.0] * 5)  # trials of a minute: one queued trial is plenty
+    assert depth.value == 1
+    depth.trials.clear()
+    depth.trials.extend([0.01] * 3)
+    assert depth.value == MAX_QUEUED
+    # Busy share: worker a runs 0-4 and 6-10 of the span 0-10, worker b 1-10; an earlier start's trials are left out.
+    records = [{"worker_pid": 9, "started_unix": -50.0, "ended_unix": -40.0, "driver_pid": 1},
+               {"worker_pid": "a", "started_unix": 0.0, "ended_unix": 4.0, "driver_pid": 2},
+               {"worker_pid": "b", "started_unix": 1.0, "ended_unix": 10.0, "driver_pid": 2},
+               {"worker_pid": "a", "started_unix": 6.0, "ended_unix": 10.0, "driver_pid": 2}]
+    assert worker_busy(records) == {"a": 0.8, "b": 0.9}

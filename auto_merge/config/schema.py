@@ -594,14 +594,23 @@ class SearchSettings(StrictModel):
                           "instead of starting a local cluster of n_workers")
     trial_walltime_limit: Optional[float] = Field(
         None, gt=0, description="New. Seconds after which a trial is stopped and recorded as a timeout")
-    queued_per_worker: int = Field(
-        1, ge=0, le=8, description="New. With several workers (n_workers > 1 or dask_scheduler): trials queued on "
-                                   "each worker beyond the one it runs, so that no worker waits while the search "
-                                   "picks the next trial; 0 submits a trial only to an idle worker")
+    queued_per_worker: Union[Literal["auto"], int] = Field(
+        1, description="New. With several workers (n_workers > 1 or dask_scheduler): trials queued on each worker "
+                       "beyond the one it runs, so that no worker waits while the search picks the next trial; 0: a "
+                       "trial goes only to an idle worker. auto: enough to cover the search's slowest recent step "
+                       "with the recent trials' length (1 to 16), for trials much shorter than a model refit; a deep "
+                       "queue opens more successive-halving brackets at once, so fewer trials reach max_budget")
     run_name: Optional[str] = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
         description="New. Folder name of this run under output_path (default: the strategy): one plain name, "
                     "so the run stays inside output_path")
+
+    @field_validator("queued_per_worker", mode="before")
+    @classmethod
+    def _check_queue_depth(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 16):
+            return value
+        _raise_issues([Issue((), f"{_show(value)} is not a queue depth", "auto, or a whole number from 0 to 16")])
 
     @model_validator(mode="after")
     def _check_budgets(self) -> "SearchSettings":

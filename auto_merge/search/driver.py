@@ -142,10 +142,15 @@ def _dask_client(block, progress):
                               f"scheduler and its workers, or remove dask_scheduler to run on this machine "
                               f"(n_workers)") from None
     if block.n_workers > 1:
+        import dask
         from dask.distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=block.n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+        # The local scheduler runs in this process, whose main thread is often busy in SMAC (model refits hold the
+        # GIL for seconds): with dask's default scheduler-side queueing, a worker that finishes waits for the
+        # scheduler to send its next task. Queued trials go to the workers at once instead (search/parallel.py).
+        with dask.config.set({"distributed.scheduler.worker-saturation": float("inf")}):
+            cluster = LocalCluster(n_workers=block.n_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
         return Client(cluster), cluster
     return None, None
 

@@ -82,6 +82,7 @@ class TrialRecorder(Callback):
             # Wall time since the previous result (or the start): also SMAC's own work, scheduling and model loading.
             "since_previous_seconds": round(time.monotonic() - self._last_told, 3),
             "worker_pid": extra.get("worker_pid"),
+            "driver_pid": os.getpid(),  # which start of the run (a resume is another process)
             # When the trial ran (SMAC's runner clocks it on the worker): worker busy time (search/parallel.py).
             "started_unix": round(value.starttime, 3) if value.starttime else None,
             "ended_unix": round(value.endtime, 3) if value.endtime else None,

@@ -2,19 +2,55 @@
 
 SMAC's own `optimize()` asks for the next trial only once a worker is free, so each worker idles while the driver
 tells SMAC the result it just returned and SMAC picks the next trial (fitting its model, optimising the acquisition).
-On short trials that is most of the time. Here each worker also holds `queued_per_worker` trials in its queue: SMAC is
-asked for them while the workers run, and a worker that finishes starts its next trial at once.
+On short trials that is much of the time: on the demo zoo (trials of ~0.35 s) SMAC's periodic model refits take 2-3 s.
+Here each worker also holds queued trials: SMAC is asked for them while the workers run, and a worker that finishes
+starts its next trial at once. `queued_per_worker` is 1 by default; `auto` sizes the queue to cover SMAC's slowest
+recent step with the recent trials' typical length (1 for trials of minutes, up to 16 for trials of a fraction of a
+second). A deep queue has a price: each queued new configuration opens successive-halving brackets early, so a run
+of fixed n_trials completes fewer of them (bench/results/parallel_workers.txt: 2-3 trials at max_budget of 90 with
+`auto` on the demo zoo, against 5 with 0 or 1).
 
 Nothing else changes: SMAC marks asked trials as running, so its intensifier neither repeats nor loses them; a
 successive-halving rung still promotes only once all its trials are told, and new configurations start meanwhile
 (SMAC's intensifier fills idle capacity with a new bracket rather than waiting). What differs from the synchronous
-loop is only the order in which results arrive, which a search with n_workers > 1 never fixed anyway.
+loop is the order in which results arrive (which a search with n_workers > 1 never fixed anyway) and that a queued
+trial was chosen before the results of the trials ahead of it were known.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import statistics
+import time
+from collections import defaultdict, deque
 from typing import Iterable
+
+MAX_QUEUED = 16  # per worker, for `auto`: beyond this, queued trials know too little of the results ahead of them
+START_QUEUED = 4  # for `auto`, until a turn and a trial have been timed (the first trials are the initial design)
+HEADROOM = 1.5  # a worker's queue covers 1.5 slow turns: results wait in it untold while SMAC works
+# `auto` looks at the slowest of the recent turns (SMAC refits its model every few configurations: a window that
+# spans several refits) and at the median of the recent trials.
+_TURNS, _TRIALS = 64, 16
+
+
+class QueueDepth:
+    """Trials each worker holds queued beyond the one it runs: a fixed number, or (`auto`) enough to cover the
+    driver's slowest recent turn (telling SMAC the results that came in, logging them, asking for the next trials)
+    HEADROOM times over with the recent trials' median length, between 1 and MAX_QUEUED."""
+
+    def __init__(self, setting: int | str):
+        self.fixed = None if setting == "auto" else int(setting)
+        self.turns: deque[float] = deque(maxlen=_TURNS)
+        self.trials: deque[float] = deque(maxlen=_TRIALS)
+
+    @property
+    def value(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.turns or not self.trials:
+            return START_QUEUED
+        typical = max(statistics.median(self.trials), 1e-3)
+        return max(1, min(MAX_QUEUED, math.ceil(HEADROOM * max(self.turns) / typical)))
 
 
 def worker_slots(client) -> int:
@@ -22,7 +58,7 @@ def worker_slots(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def optimize_on_workers(smac, client, *, queued_per_worker: int = 1) -> None:
+def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> None:
     """Run `smac` (a facade built without a dask client) to the end of its trial budget on `client`'s workers.
 
     Results are told in the order they finish; a trial that raises is told as crashed by SMAC's runner wrapper, like
@@ -35,9 +71,11 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int = 1) -> None:
         callback.on_start(optimizer)
     pending: dict = {}
     exhausted = False
+    depth = QueueDepth(queued_per_worker)
+    turn_started = time.perf_counter()
     try:
         while True:
-            capacity = worker_slots(client) * (1 + queued_per_worker)
+            capacity = worker_slots(client) * (1 + depth.value)
             while not exhausted and len(pending) < capacity and optimizer.remaining_trials > 0:
                 try:
                     info = smac.ask()
@@ -48,10 +86,14 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int = 1) -> None:
                 pending[client.submit(runner.run_wrapper, trial_info=info, pure=False)] = info
             if not pending:
                 break
+            depth.turns.append(time.perf_counter() - turn_started)
             done, _ = wait(list(pending), return_when="FIRST_COMPLETED")
+            turn_started = time.perf_counter()
             for future in sorted(done, key=lambda f: _order(pending, f)):
                 pending.pop(future)
                 info, value = future.result()
+                if value.endtime > value.starttime:
+                    depth.trials.append(value.endtime - value.starttime)
                 smac.tell(info, value)
     finally:
         for future in pending:
@@ -67,9 +109,14 @@ def _order(pending: dict, future) -> int:
 
 def worker_busy(records: Iterable[dict]) -> dict[str, float]:
     """Per worker (process id), the share of the trials' span (first start to last end, over all workers) during
-    which it was running a trial. Uses trials.jsonl's `started_unix`/`ended_unix`; empty when they are missing."""
+    which it was running a trial, over the trials of the run's last start (a resumed run has other workers). Uses
+    trials.jsonl's `started_unix`/`ended_unix`; empty when they are missing."""
+    records = list(records)
+    last_start = records[-1].get("driver_pid") if records else None
     spans = defaultdict(list)
     for record in records:
+        if record.get("driver_pid") != last_start:
+            continue
         start, end, worker = record.get("started_unix"), record.get("ended_unix"), record.get("worker_pid")
         if start is not None and end is not None and worker is not None and end >= start:
             spans[str(worker)].append((start, end))

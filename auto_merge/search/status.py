@@ -19,6 +19,7 @@ def run_status(run_dir: str | Path) -> str:
     from auto_merge.output_dirs import run_folder_busy
     from auto_merge.search.baselines import compute_spent
     from auto_merge.search.outputs import final_table, read_trials
+    from auto_merge.search.parallel import worker_busy
     from auto_merge.search.progress import best_so_far, best_text
 
     run_dir = Path(run_dir)
@@ -48,6 +49,10 @@ def run_status(run_dir: str | Path) -> str:
         spent = compute_spent(trials, None)
         lines.append(f"examples evaluated: {spent['examples_evaluated']} (+{spent['examples_from_cache']} from the "
                      f"cache)")
+        busy = worker_busy(trials)
+        if len(busy) > 1:
+            lines.append(f"workers: {len(busy)}, each busy " + " / ".join(f"{100 * share:.0f} %" for share in
+                                                                    busy.values()) + " of the trials' span")
         last = trials[-1]
         ago = time.time() - last["finished_unix"] if last.get("finished_unix") else None
         lines.append(f"last trial: #{last['trial']} at {last['finished_at']}"

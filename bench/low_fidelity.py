@@ -1,0 +1,90 @@
+"""Benchmark: how well a low budget's score ranks candidates as the full budget does, per `evaluation.stratify` option.
+
+    .venv/bin/python bench/low_fidelity.py [--configs 80] [--order-seeds 0 1 2 3 4] [--budgets 28 85]
+
+Samples `--configs` configurations of the demo LFS space (exp_config/config_lfs.yaml; seeded), scores each on every
+example once (per-example results), and then, without running the model again, scores each at the given budgets as
+each option would select the examples: `none` (a seeded random prefix of each task) and `sources` (strata by how the
+base and each expert answer, `auto_merge/evaluation/budget.py`), for each order seed (the run's random_seed).
+Prints the Spearman rank correlation between the low-budget and the full-budget scores over all sampled
+configurations and over the best third (by full score: the close calls a late rung decides), mean and range over
+the order seeds, and the mean absolute error of the low-budget score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    value = spearmanr(xs, ys).statistic
+    return float(value) if value == value else 0.0  # nan (a constant column) counts as no information
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, default=80)
+    parser.add_argument("--order-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[28.444444444444443, 85.33333333333333])
+    args = parser.parse_args()
+
+    from auto_merge.config import load_experiment
+    from auto_merge.evaluation.budget import NestedSubsets
+    from auto_merge.search.trial import TrialRunner, TrialSpec, recipe_fingerprint
+    from auto_merge.strategies import build_strategy
+
+    config = load_experiment(REPO / "exp_config" / "config_lfs.yaml")
+    strategy = build_strategy(config)
+    space = strategy.build_space(seed=0)
+    with tempfile.TemporaryDirectory() as work:
+        spec = TrialSpec(run_id="low-fidelity", strategy=strategy.describe(),
+                         model_paths={ref: str(path) for ref, path in config.model_paths.items()},
+                         evaluation=config.global_params.evaluation, config_dir=str(REPO / "exp_config"),
+                         cache_path=str(Path(work) / "cache.sqlite"), seed=0)
+        runner = TrialRunner(spec)
+        strata, _ = runner.source_strata()
+        evaluator = runner.evaluator
+        rule = evaluator.subsets.rule
+        documents = evaluator.subsets.order
+        values = []
+        for configuration in space.sample_configuration(args.configs):
+            recipe = strategy.decode(dict(configuration))
+            runner.merger.apply(recipe, seed=0)
+            per_task, _ = evaluator.document_values(recipe_fingerprint(recipe, 0))
+            values.append(per_task)
+        runner.close()
+
+    def score(per_task, selection) -> float:
+        return statistics.fmean(statistics.fmean(float(per_task[task][ref]) for ref in refs)
+                                for task, refs in selection.items())
+
+    full = [score(v, documents) for v in values]
+    top = sorted(range(len(values)), key=lambda i: full[i], reverse=True)[: max(3, len(values) // 3)]
+    print(f"{len(values)} configurations of the demo LFS space; full-budget score mean {statistics.fmean(full):.3f}, "
+          f"range {min(full):.3f}-{max(full):.3f}; best third {min(full[i] for i in top):.3f}-{max(full):.3f}")
+    print("option    budget   rank corr. (all): mean [min, max]   rank corr. (best third): mean [min, max]   "
+          "mean |low - full|")
+    for option in ("none", "sources"):
+        for budget in args.budgets:
+            all_corr, top_corr, errors = [], [], []
+            for seed in args.order_seeds:
+                subsets = NestedSubsets(documents, seed, rule, strata if option == "sources" else None)
+                selection = subsets.select(budget)
+                low = [score(v, selection) for v in values]
+                all_corr.append(spearman(low, full))
+                top_corr.append(spearman([low[i] for i in top], [full[i] for i in top]))
+                errors.append(statistics.fmean(abs(a - b) for a, b in zip(low, full)))
+            print(f"{option:8} {budget:7.1f}   {statistics.fmean(all_corr):.2f} [{min(all_corr):.2f}, "
+                  f"{max(all_corr):.2f}]{'':18}{statistics.fmean(top_corr):.2f} [{min(top_corr):.2f}, "
+                  f"{max(top_corr):.2f}]{'':24}{statistics.fmean(errors):.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
