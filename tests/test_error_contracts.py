@@ -12,6 +12,7 @@ import pytest
 import auto_merge.cli as cli
 import auto_merge.config.errors as config_errors
 import auto_merge.evaluation.plugins as plugins
+import auto_merge.formats.mergekit as mergekit_format
 import auto_merge.merge.engine as engine
 import auto_merge.merge.recipe as recipe_module
 import auto_merge.merge.tokenizer as tokenizer
@@ -27,8 +28,8 @@ from auto_merge.merge.methods.registry import ParamError, validate_params
 from auto_merge.merge.recipe import RecipeError, parse_recipe, split_key
 from auto_merge.models.inspect import PickleRefusedError, list_tensor_names
 
-USER_FACING_MODULES = (cli, config_errors, plugins, engine, recipe_module, tokenizer, model_inspect, resolve,
-                       output_dirs, driver, replay, lfs, oneshot)
+USER_FACING_MODULES = (cli, config_errors, plugins, engine, recipe_module, mergekit_format, tokenizer, model_inspect,
+                       resolve, output_dirs, driver, replay, lfs, oneshot)
 
 
 def test_every_user_facing_error_class_is_an_auto_merge_error():

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from auto_merge.cli import main
 from auto_merge.config.schema import MERGE_METHODS, METHOD_PARAMETER_NAMES, METHOD_SOURCE_COUNTS
+from auto_merge.formats.mergekit import MERGEKIT_METHODS, to_mergekit
 from auto_merge.merge.methods import get_method, list_methods, merge_tensor, validate_params
-from auto_merge.merge.recipe import MERGEKIT_METHODS, parse_recipe, to_mergekit
+from auto_merge.merge.recipe import parse_recipe
 
 torch.set_num_threads(1)
 

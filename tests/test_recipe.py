@@ -8,18 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from auto_merge.formats.mergekit import MergekitExportError, to_mergekit, to_mergekit_yaml
 from auto_merge.merge.io import TensorInfo
 from auto_merge.merge.plan import ModelCatalog, SourceModel, compile_plan, layer_index, layer_key
 from auto_merge.merge.recipe import (
-    MergekitExportError,
     ParamEntry,
     RecipeError,
     evaluate_setting,
     interpolate,
     load_recipe,
     parse_recipe,
-    to_mergekit,
-    to_mergekit_yaml,
 )
 
 RECIPES = Path(__file__).parent / "data" / "recipes"

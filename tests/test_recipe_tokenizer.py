@@ -12,8 +12,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from auto_merge.formats.mergekit import to_mergekit
 from auto_merge.merge.engine import prepare_plan, run_recipe
-from auto_merge.merge.recipe import RecipeError, parse_recipe, to_mergekit
+from auto_merge.merge.recipe import RecipeError, parse_recipe
 from auto_merge.merge.tokenizer import MISSING, PAD_MEAN, PADDING, RowMap, TokenRule, TokenRules, align_rows
 from auto_merge.zoo import zoo_root
 from auto_merge.zoo.tokenizer import vocabulary

@@ -46,17 +46,16 @@ from auto_merge.merge.fused import combination, combine_into, linear_terms
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
 from auto_merge.merge.recipe import (
-    MergekitExportError,
     Recipe,
     RecipeError,
     RecipeStage,
     load_recipe,
     load_stages,
     rename_models,
-    to_mergekit_yaml,
 )
 from auto_merge.merge.tokenizer import align_rows, write_chat_template, write_tokenizer
 from auto_merge.errors import AutoMergeError
+from auto_merge.formats.mergekit import MergekitExportError, to_mergekit_yaml
 from auto_merge.output_dirs import atomic_folder, check_replaceable
 
 RECIPE_FILE = "auto_merge_recipe.yml"
