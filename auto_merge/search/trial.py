@@ -134,7 +134,8 @@ class TrialRunner:
         return strata, evaluated
 
     def use_strata(self, strata: dict) -> None:
-        if strata and self._strata is not strata:
+        # Compared by value: on a dask worker every trial brings its own unpickled copy of the spec.
+        if strata and strata != self._strata:
             self.evaluator.stratify(strata)
             self._strata = strata
 
