@@ -145,20 +145,21 @@ def test_rerun_resumes_and_a_changed_config_is_refused(tmp_path):
     assert read_trials(tmp_path / "runs" / "lfs" / "trials.jsonl") == first  # nothing lost
 
 
-def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
-    config = write_config(tmp_path, n_trials=9)
+def kill_and_resume(tmp_path: Path, config: Path, *, kill_after: int, n_trials: int) -> tuple[list, list]:
+    """Runs `auto-merge search` on `config`, kills it (SIGKILL) once `kill_after` trials are logged, reruns it to the
+    end; checks nothing finished was lost or run again, and returns (trials logged before the kill, all trials)."""
     log = tmp_path / "runs" / "lfs" / "trials.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "auto_merge.cli", "search", "--config", str(config), "--no-model"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and len(read_trials(log)) < 3:
-        time.sleep(0.5)
+    while time.time() < deadline and len(read_trials(log)) < kill_after:
+        time.sleep(0.2)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     done_before = read_trials(log)
-    assert 3 <= len(done_before) < 9
+    assert kill_after <= len(done_before) < n_trials
 
     finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert finished.returncode == 0, finished.stderr[-2000:]
@@ -166,6 +167,11 @@ def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
     assert trials[: len(done_before)] == done_before
     keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"]) for t in trials]
     assert len(set(keys)) == len(keys), "a completed trial was run again"
+    return done_before, trials
+
+
+def test_a_killed_search_resumes_without_losing_or_repeating_trials(tmp_path):
+    _, trials = kill_and_resume(tmp_path, write_config(tmp_path, n_trials=9), kill_after=3, n_trials=9)
     assert len(trials) >= 9 - 1  # SMAC may drop the one trial that was running when the process was killed
 
 
@@ -219,24 +225,7 @@ def test_two_dask_workers_are_kept_fed_and_a_killed_parallel_search_resumes(tmp_
 
     config = write_config(tmp_path, n_trials=14, n_workers=2, optimizer="successive_halving")
     log = tmp_path / "runs" / "lfs" / "trials.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "auto_merge.cli", "search", "--config", str(config), "--no-model"]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(read_trials(log)) < 5:
-        time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    done_before = read_trials(log)
-    assert 5 <= len(done_before) < 14
-
-    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    trials = read_trials(log)
-    assert trials[: len(done_before)] == done_before
-    keys = [(json.dumps(t["configuration"], sort_keys=True), t["budget"]) for t in trials]
-    assert len(set(keys)) == len(keys), "a completed trial was run again"
+    done_before, trials = kill_and_resume(tmp_path, config, kill_after=5, n_trials=14)
     # In flight when killed: at most one running and one queued trial per worker are lost.
     assert len(trials) >= 14 - 4 and all(t["status"] == "success" for t in trials)
     new = trials[len(done_before):]

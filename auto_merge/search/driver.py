@@ -60,7 +60,9 @@ def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: 
     return max(1, int(total_budget / cost * trials))
 
 
-def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, dask_client, callbacks):
+def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, callbacks):
+    """SMAC's facade for the configured optimizer. It never holds a dask client: with workers, the driver submits the
+    trials itself (search/parallel.py)."""
     from smac import HyperparameterOptimizationFacade, MultiFidelityFacade, RandomFacade, Scenario
     from smac.multi_objective.parego import ParEGO
 
@@ -80,7 +82,7 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
     target = TrialTarget(spec)
     # SMAC's own saved state is never loaded (a resume replays the trial log instead, see _search_in): SMAC starts
     # fresh every time, so it has no reason to ask on stdin about an old state either.
-    common = dict(overwrite=True, logging_level=40, callbacks=callbacks, dask_client=dask_client)
+    common = dict(overwrite=True, logging_level=40, callbacks=callbacks)
     if objectives:
         common["multi_objective_algorithm"] = ParEGO(scenario)
     if block.optimizer in MULTI_FIDELITY:
@@ -250,9 +252,7 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         else:
             # A kill mid-save must not leave a state the rerun cannot read.
             with atomic_state_writes(), _without_smacs_empty_mean_warnings():
-                # With workers, our own ask/tell loop submits the trials (search/parallel.py): SMAC never holds
-                # the client.
-                smac = _facade(config, strategy, space, spec, run_dir, n_trials, None, [recorder])
+                smac = _facade(config, strategy, space, spec, run_dir, n_trials, [recorder])
                 if client is None:
                     smac.optimize()
                 else:

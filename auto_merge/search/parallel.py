@@ -89,7 +89,8 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> No
             depth.turns.append(time.perf_counter() - turn_started)
             done, _ = wait(list(pending), return_when="FIRST_COMPLETED")
             turn_started = time.perf_counter()
-            for future in sorted(done, key=lambda f: _order(pending, f)):
+            # Results that arrive together are told in the order they were asked (keeps the log's order stable).
+            for future in [f for f in pending if f in done]:
                 pending.pop(future)
                 info, value = future.result()
                 if value.endtime > value.starttime:
@@ -100,11 +101,6 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> No
             future.cancel()
     for callback in optimizer._callbacks:
         callback.on_end(optimizer)
-
-
-def _order(pending: dict, future) -> int:
-    """Results that arrive together are told in the order they were asked (keeps the log's order stable)."""
-    return list(pending).index(future)
 
 
 def worker_busy(records: Iterable[dict]) -> dict[str, float]:
