@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the run folder if it holds a run of a different config")
     search.add_argument("--run-name", default=None, help="run folder name under output_path (default: strategy)")
     search.add_argument("--no-model", action="store_true", help="do not write the winning checkpoint")
+    _add_memory_flags(search, "the memory plan of the in-memory merges")
     search.set_defaults(handler=cmd_search)
 
     replay = commands.add_parser("replay", help="turn a found configuration (search_config/*.json) into a model")
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true",
                        help="also read .bin (pickle) checkpoints, with weights_only loading")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_memory_flags(merge, "the memory plan")
     merge.set_defaults(handler=cmd_merge)
 
     free = commands.add_parser(
@@ -195,6 +197,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_memory_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                        help=f"with --dry-run: {what} for a GPU of this size (e.g. 80GB), whether or not this "
+                             f"machine has one")
+    parser.add_argument("--host-memory", default=None, metavar="SIZE",
+                        help=f"with --dry-run: {what} for this much host memory (default: this machine's)")
+
+
+def _memory_flags(args) -> tuple[int | None, int | None]:
+    """--gpu-memory and --host-memory in bytes (None when not given), checked before anything is loaded."""
+    from auto_merge.merge.memory_plan import MEMORY_SIZE_FORM, MemoryPlanError, parse_memory
+
+    sizes = []
+    for flag, text in (("--gpu-memory", args.gpu_memory), ("--host-memory", args.host_memory)):
+        if text is None:
+            sizes.append(None)
+            continue
+        try:
+            sizes.append(parse_memory(text))
+        except MemoryPlanError:
+            raise UserFacingError(f"{flag} {text!r} is not a memory size: write {MEMORY_SIZE_FORM}") from None
+        if not args.dry_run:
+            raise UserFacingError(f"{flag} plans memory for a machine you may not have: use it with --dry-run")
+    return sizes[0], sizes[1]
+
+
 def _load_config(path: Path, check_models: bool):
     from auto_merge.config import load_experiment
 
@@ -215,15 +243,77 @@ def cmd_validate(args) -> int:
 
 
 def cmd_search(args) -> int:
+    gpu_memory, host_memory = _memory_flags(args)
     config = _load_config(args.config, check_models=True)
     print(f"{args.config}: valid ({config.strategy}); models resolved")
     if args.dry_run:
+        print(_search_memory_plan(config, gpu_memory, host_memory))
         return 0
     from auto_merge.search.driver import run_search
 
     run_search(args.config, overwrite=args.overwrite, run_name=args.run_name, write_model=not args.no_model,
                config=config)
     return 0
+
+
+def _search_memory_plan(config, gpu_memory: int | None, host_memory: int | None) -> str:
+    """What `search --dry-run` prints about memory: the plan the trials' LiveMerger will follow (its defaults, the
+    base loaded in evaluation.torch_dtype on evaluation.device, every model of the config), or for the one-shot
+    strategies the streaming engine's plan. ``gpu_memory``: plan for a GPU of that size instead."""
+    from auto_merge.merge.memory_plan import (
+        DTYPE_BYTES,
+        Capacity,
+        LiveModel,
+        MemoryPlanError,
+        ModelShapes,
+        gpu_capacity,
+        host_capacity,
+        plan_live_memory,
+    )
+
+    evaluation = config.global_params.evaluation
+    device = "cuda" if gpu_memory is not None else evaluation.device or "auto"
+    if device == "auto" or device.startswith("cuda"):
+        from auto_merge.evaluation.lm_eval_runner import resolve_device
+
+        device = resolve_device(device)
+    if gpu_memory is not None:
+        gpu = Capacity(gpu_memory, "given")
+    elif device.startswith("cuda"):
+        gpu = gpu_capacity(device)
+    else:
+        gpu = Capacity(None, "none")
+    host = host_capacity(host_memory)
+    from auto_merge.strategies import get_strategy
+
+    if get_strategy(config.strategy).one_shot:  # one merge through the streaming engine
+        from auto_merge.merge.merge_memory import plan_merge_memory
+        from auto_merge.search.oneshot import plan_oneshot
+
+        _, plan = plan_oneshot(config)
+        engine_device = "cuda" if device.startswith("cuda") else "cpu"
+        return plan_merge_memory(plan, device=engine_device, gpu=gpu, host=host).describe()
+    block = config.selected
+    paths = config.model_paths
+    refs = list(dict.fromkeys([block.base_model, *paths]))
+    try:
+        models = [ModelShapes.from_folder(ref, paths[ref]) for ref in refs]
+    except MemoryPlanError as error:
+        return f"memory plan: not available ({error})"
+    live_dtype = evaluation.torch_dtype if evaluation.torch_dtype != "auto" else "float32"  # as the trials load it
+    live = LiveModel(models[0].numel * DTYPE_BYTES[live_dtype], live_dtype, device)
+    notes = []
+    workers = getattr(block, "n_workers", 1)
+    if getattr(block, "dask_scheduler", None):
+        notes.append("each dask worker holds this plan (its own live model and sources) on its machine")
+    elif workers > 1 and getattr(block, "optimizer", None) != "cmaes":
+        notes.append(f"n_workers {workers}: each local worker process holds its own copy of this plan")
+    if getattr(block, "layers", 0) > getattr(block, "num_hidden_layers", float("inf")):  # DIS may stack deeper
+        notes.append("a candidate deeper than the base adds copies of decoder layers to the live model")
+    if gpu.source == "detected":
+        notes.append("at run time the merger plans again with the GPU's free memory once the live model is on it")
+    return plan_live_memory(models, anchor=block.base_model, live=live, device=device, gpu=gpu, host=host,
+                            notes=notes).describe()
 
 
 def cmd_replay(args) -> int:
@@ -282,21 +372,31 @@ def cmd_zoo_report(args) -> int:
 def cmd_merge(args) -> int:
     from auto_merge.merge.engine import describe_plan, merge_to_disk, prepare_plan
     from auto_merge.merge.io import parse_size
-    from auto_merge.merge.recipe import load_stages
+    from auto_merge.formats.recipe_files import load_stages
     from auto_merge.output_dirs import check_replaceable
 
     try:
         parse_size(args.out_shard_size)
     except ValueError as err:
         raise UserFacingError(f"--out-shard-size: {err}") from None
+    gpu_memory, host_memory = _memory_flags(args)
     if len(load_stages(args.recipe)) > 1:  # a mergekit-multi file: its stages in order
+        if gpu_memory is not None or host_memory is not None:
+            raise UserFacingError("--gpu-memory / --host-memory: a multi-stage file's dry run plans each stage for "
+                                  "this machine; drop them, or dry-run one stage's recipe on its own")
         return _merge_stages(args)
     plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle")
     if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
         check_replaceable(args.out_dir, overwrite=args.overwrite,
                           protected=[model.path for model in plan.models.values()])
     if args.dry_run:
-        print(describe_plan(plan, args.out_shard_size))
+        from auto_merge.merge.memory_plan import Capacity, gpu_capacity, host_capacity
+
+        on_gpu = args.cuda or gpu_memory is not None
+        gpu = Capacity(gpu_memory, "given") if gpu_memory is not None else \
+            gpu_capacity("cuda") if args.cuda else Capacity(None, "none")
+        print(describe_plan(plan, args.out_shard_size, device="cuda" if on_gpu else "cpu", gpu=gpu,
+                            host=host_capacity(host_memory)))
         return 0
     if args.cuda:
         import torch
@@ -340,7 +440,8 @@ def _merge_stages(args) -> int:
 
 
 def cmd_free(args) -> int:
-    from auto_merge.merge.free import build_free, materialise
+    from auto_merge.merge.free import build_free
+    from auto_merge.merge.free_folder import materialise
 
     arguments = args.arguments
     if arguments[0] == "materialise":
@@ -370,7 +471,7 @@ def cmd_eval(args) -> int:
     model_path = _resolve_model_arg(args.model)
     free = None
     if (model_path / "free.json").is_file():  # a FREE-Merging folder: each task is scored with its own model
-        from auto_merge.merge.free import FreeFolder
+        from auto_merge.merge.free_folder import FreeFolder
 
         free = FreeFolder.open(model_path)
         model_path = free.backbone

@@ -13,15 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auto_merge.config import (
-    ConfigError,
-    DisBlock,
-    LfsBlock,
-    NormalModelsBlock,
-    NormalSlicesBlock,
-    PruneBlock,
-    load_experiment,
-)
+from auto_merge.config import ConfigError, load_experiment
 from auto_merge.config.errors import format_key_path
 from auto_merge.models import (
     ModelInspectionError,
@@ -30,6 +22,10 @@ from auto_merge.models import (
     read_model_config,
     resolve_model_ref,
 )
+from auto_merge.strategies.dis import DisBlock
+from auto_merge.strategies.lfs import LfsBlock
+from auto_merge.strategies.oneshot import NormalModelsBlock, NormalSlicesBlock
+from auto_merge.strategies.prune import PruneBlock
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -400,7 +396,7 @@ def test_all_problems_are_reported_in_one_error_one_per_line(tmp_path):
     (tmp_path / "config.yaml").write_text(
         "strategy: prune\nglobal_params:\n  evaluation:\n    batch_size: 0\n    device: gpu\n    tasks: []\n"
         "strategies:\n  prune:\n    base_model: a\n    models: [b, b]\n    num_hidden_layers: 4\n    layers: 3\n"
-        "    merging_method: {task_arithmetic: {scaling_coefficient: {min: 0.0, max: 9.0}}}\n    n_trials: 5\n")
+        "    merging_method: {ties: {param_value_mask_rate: {min: 0.0, max: 1.0}}}\n    n_trials: 5\n")
     with pytest.raises(ConfigError) as caught:
         load_experiment(tmp_path / "config.yaml", check_models=False)
     lines = str(caught.value).splitlines()
@@ -409,7 +405,7 @@ def test_all_problems_are_reported_in_one_error_one_per_line(tmp_path):
     text = str(caught.value)
     assert "config.yaml:4: global_params.evaluation.batch_size: 0 is out of range; allowed: a value >= 1" in text
     assert "config.yaml:10: strategies.prune.models[1]: model 'b' is listed twice" in text
-    assert "scaling_coefficient.max: 9 is out of range" in text and "allowed: 0 <= value <= 3" in text
+    assert "param_value_mask_rate.max: 1 is out of range" in text and "allowed: 0 <= value < 1" in text
 
 
 def test_missing_config_file_and_non_mapping_document(tmp_path):

@@ -348,6 +348,7 @@ def write_config(folder: Path, strategy: str, block: dict) -> Path:
         "global_params": {
             "random_seed": 0,
             "output_path": str(folder / "runs"),
+            "baselines": False,  # tested in test_search
             "evaluation": {
                 "batch_size": 64, "device": "cpu", "include_path": str(REPO / "custom_tasks"),
                 "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_wrd", "zoo_col")],

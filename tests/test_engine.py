@@ -18,7 +18,9 @@ from auto_merge.merge.fused import combination, combine_into, linear_coefficient
 from auto_merge.merge.engine import MERGEKIT_FILE, RECIPE_FILE, merge_to_disk, prepare_plan, run_recipe
 from auto_merge.merge.io import CheckpointReader, parse_size
 from auto_merge.merge.methods import merge_tensor
-from auto_merge.merge.recipe import RecipeError, interpolate, load_recipe, parse_recipe
+from auto_merge.formats.recipe_files import load_recipe
+from auto_merge.merge.param_values import interpolate
+from auto_merge.merge.recipe import RecipeError, parse_recipe
 from auto_merge.output_dirs import OutputDirError
 from auto_merge.zoo.tokenizer import vocabulary
 

@@ -24,7 +24,7 @@ import auto_merge.search.replay as replay
 import auto_merge.strategies.lfs as lfs
 import auto_merge.strategies.oneshot as oneshot
 from auto_merge.errors import AutoMergeError
-from auto_merge.merge.methods.registry import ParamError, validate_params
+from auto_merge.merge.methods.spec import ParamError, validate_params
 from auto_merge.merge.recipe import RecipeError, parse_recipe, split_key
 from auto_merge.models.inspect import PickleRefusedError, list_tensor_names
 

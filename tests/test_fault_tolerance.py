@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _config(folder: Path, models: list[str], base: str = "zoo:base", n_trials: int = 4, **extra) -> Path:
     config = {
         "strategy": "lfs",
-        "global_params": {"random_seed": 0, "output_path": str(folder / "runs"), "evaluation": {
+        # baselines (5 full evaluations per run) are tested in test_search; these runs are about failures and resumes
+        "global_params": {"random_seed": 0, "output_path": str(folder / "runs"), "baselines": False, "evaluation": {
             "batch_size": 64, "include_path": str(REPO / "custom_tasks"),
             "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_col")]}},
         "strategies": {"lfs": {

@@ -16,7 +16,6 @@ from auto_merge.cli import main
 from auto_merge.config.errors import ConfigError
 from auto_merge.merge.free import (
     ExpertParams,
-    FreeFolder,
     apply_expert,
     auto_scale,
     build_expert,
@@ -24,6 +23,7 @@ from auto_merge.merge.free import (
     read_expert,
     select_expert,
 )
+from auto_merge.merge.free_folder import FreeFolder
 from auto_merge.merge.methods.fourier import fourier_high_pass
 from auto_merge.zoo import zoo_root
 

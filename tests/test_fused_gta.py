@@ -21,7 +21,8 @@ tl = pytest.importorskip("triton.language")
 
 from auto_merge.merge import fused_gta, sparsify  # noqa: E402
 from auto_merge.merge.methods import merge_tensor  # noqa: E402
-from auto_merge.merge.methods.registry import MergeInputs, validate_params  # noqa: E402
+from auto_merge.merge.methods.apply import MergeInputs  # noqa: E402
+from auto_merge.merge.methods.spec import validate_params  # noqa: E402
 from auto_merge.merge.methods.task_arithmetic import finish_task_arithmetic  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -764,7 +764,7 @@ def test_della_rejects_out_of_window_density_when_called_directly():
 # --- the fused, chunked GTA pipeline against the stacked reference (the design note's pipeline, step by step)
 def reference_gta(method: str, tensors, base, global_params, per_model_params, seed=0, name="w") -> torch.Tensor:
     """Stack the task vectors, sparsify them with the stacked sparsify.* functions, weight, elect and mix."""
-    from auto_merge.merge.methods.task_arithmetic import GTA_VARIANTS
+    from auto_merge.merge.methods.gta_variants import GTA_VARIANTS
 
     variant = next(v for v in GTA_VARIANTS if v.name == method)
     params = validate_params(method, global_params, per_model_params)

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from auto_merge.cli import main
-from auto_merge.config.schema import MERGE_METHODS, METHOD_PARAMETER_NAMES, METHOD_SOURCE_COUNTS
+from auto_merge.config.blocks import config_parameter_names, merge_methods
 from auto_merge.formats.mergekit import MERGEKIT_METHODS, to_mergekit
 from auto_merge.merge.methods import get_method, list_methods, merge_tensor, validate_params
 from auto_merge.merge.recipe import parse_recipe
@@ -260,10 +260,9 @@ def test_a_base_is_required(method, params):
 # ------------------------------------------------------------------------------------- config and export lists
 def test_experiment_configs_and_the_mergekit_export_know_the_new_methods():
     for name in NEW_METHODS:
-        assert name in MERGE_METHODS and name in MERGEKIT_METHODS
+        assert name in merge_methods() and name in MERGEKIT_METHODS
         spec = get_method(name)
-        assert set(METHOD_PARAMETER_NAMES[name]) == {param.name for param in spec.params}
-        assert METHOD_SOURCE_COUNTS[name] == (spec.min_models, spec.max_models)
+        assert {param.name for param in spec.params} <= set(config_parameter_names(name))
     recipe = parse_recipe(yaml.safe_load("models: [{model: zoo:num}]\nmerge_method: nearswap\n"
                                          "base_model: zoo:base\nparameters: {t: 0.001}\n"))
     (document,) = to_mergekit(recipe)

@@ -30,7 +30,7 @@ def work(tmp_path) -> Path:
 def _config(folder: Path, *, n_trials: int = 2, **global_params) -> Path:
     config = {
         "strategy": "lfs",
-        "global_params": {"output_path": str(folder / "runs"), **global_params, "evaluation": {
+        "global_params": {"output_path": str(folder / "runs"), "baselines": False, **global_params, "evaluation": {
             "include_path": str(REPO / "custom_tasks"), "tasks": [{"task": "zoo_num", "metric": "exact_match,none"}]}},
         "strategies": {"lfs": {
             "base_model": "base", "models": ["num", "col"], "layer_granularity": 4,

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from auto_merge.config import ConfigError, NormalModelsBlock, NormalSlicesBlock, load_experiment
+from auto_merge.config import ConfigError, load_experiment
 from auto_merge.merge.recipe import parse_recipe
 from auto_merge.output_dirs import OutputDirError
+from auto_merge.strategies.oneshot import NormalModelsBlock, NormalSlicesBlock
 from auto_merge.search.driver import run_search
-from auto_merge.strategies.oneshot import OneShotError, OneShotMerge, block_to_recipe, input_models, recipe_depth
+from auto_merge.strategies.oneshot import OneShotError, OneShotMerge, block_to_recipe, input_models
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_CONFIGS = REPO / "tests" / "data" / "reference" / "exp_config"
@@ -104,7 +105,7 @@ def test_normal_slices_target_is_the_base_layer_range_and_depth_is_the_sum_of_sl
     assert first["sources"][0] == {"model": "a", "layer_range": [0, 4], "parameters": {"weight": 0.5}}
     assert first["parameters"] == {"lambda": 0.8, "weight": 1.0}
     assert second == {"merge_method": "passthrough", "sources": [{"model": "c", "layer_range": [2, 8]}]}
-    assert recipe_depth(block, 8) == 10
+    assert [piece["sources"][0]["layer_range"] for piece in recipe["slices"]] == [[0, 4], [2, 8]]  # 10 layers
     assert input_models(block) == ["base", "a", "b", "c"]
     assert parse_recipe(recipe).slices[0].base_layer_range == (4, 8)
 
@@ -113,7 +114,8 @@ def test_reference_normal_slices_shape_converts():
     data = yaml.safe_load((REFERENCE_CONFIGS / "normal_slices.yaml").read_text())
     block = NormalSlicesBlock.model_validate(data)
     merge = OneShotMerge.from_block("normal_slices", block)
-    assert recipe_depth(block, 40) == 22  # WizardMath [0,8) + WizardLM [8,16), then [16,30) + [0,14)
+    depth = sum(end - start for start, end in (p["sources"][0]["layer_range"] for p in merge.recipe["slices"]))
+    assert depth == 22  # WizardMath [0,8) + WizardLM [8,16), then [16,30) + [0,14)
     assert merge.models == ("vanillaOVO/WizardMath-13B-V1.0", "WizardLMTeam/WizardLM-13B-V1.2")
     for piece in merge.recipe["slices"]:
         assert piece["merge_method"] == "task_arithmetic" and piece["parameters"] == {"lambda": 1.0, "weight": 1.0}

@@ -34,7 +34,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def _search_config(folder: Path, **block) -> Path:
     config = {
         "strategy": "lfs",
-        "global_params": {"output_path": "runs", "evaluation": {
+        "global_params": {"output_path": "runs", "baselines": False, "evaluation": {
             "include_path": str(REPO / "custom_tasks"), "tasks": [{"task": "zoo_num", "metric": "exact_match,none"}]}},
         "strategies": {"lfs": {"base_model": "zoo:base", "models": ["zoo:num", "zoo:col"], "layer_granularity": 4,
                                "merging_method": {"task_arithmetic": {"scaling_coefficient": {"min": 0.3, "max": 1.2}}},

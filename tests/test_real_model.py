@@ -118,7 +118,7 @@ def test_a_short_lfs_search_runs_end_to_end_on_the_real_model(smol, experts, tmp
     config = {
         "strategy": "lfs",
         "global_params": {
-            "random_seed": 0, "output_path": str(tmp_path / "runs"),
+            "random_seed": 0, "output_path": str(tmp_path / "runs"), "baselines": False,  # tested in test_search
             "evaluation": {"batch_size": 8, "device": "cpu", "torch_dtype": "float32", "include_path": str(TASKS),
                            "apply_chat_template": True,
                            "tasks": [{"task": "smol_capitals", "metric": "exact_match,last-word"}]}},

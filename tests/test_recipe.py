@@ -9,23 +9,21 @@ import pytest
 import yaml
 
 from auto_merge.formats.mergekit import MergekitExportError, to_mergekit, to_mergekit_yaml
+from auto_merge.formats.recipe_files import load_recipe
+from auto_merge.formats.reference_recipe import read_recipe
 from auto_merge.merge.io import TensorInfo
-from auto_merge.merge.plan import ModelCatalog, SourceModel, compile_plan, layer_index, layer_key
-from auto_merge.merge.recipe import (
-    ParamEntry,
-    RecipeError,
-    evaluate_setting,
-    interpolate,
-    load_recipe,
-    parse_recipe,
-)
+from auto_merge.merge.plan import ModelCatalog, SourceModel, compile_plan
+from auto_merge.models.layers import layer_index, layer_key
+from auto_merge.merge.param_values import ParamEntry, evaluate_setting, interpolate
+from auto_merge.merge.recipe import RecipeError, parse_recipe
 
 RECIPES = Path(__file__).parent / "data" / "recipes"
 MERGEKIT_KINDS = ["linear", "gradient_slerp", "ties", "dare_ties", "passthrough"]
 
 
 def recipe(text: str, source: str = "recipe.yml"):
-    return parse_recipe(yaml.safe_load(text), source=source)
+    """A recipe as read from a user's file (the reference's format is translated on reading)."""
+    return read_recipe(yaml.safe_load(text), source=source)
 
 
 def entries(*pairs) -> tuple[ParamEntry, ...]:

@@ -12,7 +12,8 @@ import yaml
 
 from auto_merge.formats.mergekit import MergekitExportError, to_mergekit
 from auto_merge.merge.engine import MERGEKIT_FILE, RECIPE_FILE, prepare_plan, run_recipe
-from auto_merge.merge.recipe import RecipeError, load_recipe, parse_recipe
+from auto_merge.formats.recipe_files import load_recipe
+from auto_merge.merge.recipe import RecipeError, parse_recipe
 from auto_merge.merge.tokenizer import CHAT_TEMPLATE_FILE, CHAT_TEMPLATES, model_chat_template
 from auto_merge.zoo import zoo_root
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from auto_merge.cli import main
 from auto_merge.formats.mergekit import to_mergekit_yaml
 from auto_merge.merge.engine import RECIPE_FILE, run_recipe, run_stages, stage_folders
-from auto_merge.merge.recipe import RecipeError, load_recipe, load_stages
+from auto_merge.formats.recipe_files import load_recipe, load_stages
+from auto_merge.merge.recipe import RecipeError
 from auto_merge.output_dirs import OutputDirError
 
 torch.set_num_threads(1)

@@ -10,7 +10,7 @@ import yaml
 
 from auto_merge.merge.recipe import check_recipe, parse_recipe
 from auto_merge.strategies.lfs import LFSStrategy, StrategyError
-from auto_merge.strategies.reference_import import import_reference_lfs
+from auto_merge.formats.reference_lfs import import_reference_lfs
 
 REPO = Path(__file__).resolve().parents[1]
 # Byte-for-byte copies of the reference implementation's configs (shared/reference), kept with the tests.
@@ -226,12 +226,3 @@ def test_reference_import_rejects_a_file_for_other_models():
     flat = json.loads((REFERENCE_SEARCH / "lfs" / "single-obj" / "lm-lfs.json").read_text())
     with pytest.raises(StrategyError, match="not among the configured models"):
         import_reference_lfs(flat, strategy)
-
-
-def test_config_validation_and_the_lfs_strategy_agree_on_the_searchable_methods():
-    from auto_merge.config.schema import LFS_METHODS
-    from auto_merge.merge import list_methods
-    from auto_merge.strategies.lfs import SEARCHED
-
-    assert set(LFS_METHODS) == set(SEARCHED)
-    assert set(SEARCHED) <= set(list_methods())

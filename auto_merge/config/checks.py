@@ -5,6 +5,7 @@ Only the selected strategy's models are resolved. Architecture rule: every model
 `vocab_size` may differ (added tokens are aligned at merge time), and so may everything else
 (rope settings, dtype, ...). Depth rules depend on the strategy: lfs, lfs_multiobj and normal_models need equal
 depths, dis and prune need `num_hidden_layers` to be the real depth, normal_slices needs each layer range to fit.
+Each strategy's registration says which of the checker's checks its block gets (``check_models``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from auto_merge.config.errors import ConfigError, ConfigProblem, KeyPath, SourceMap
-from auto_merge.config.schema import (
-    DisBlock,
-    ExperimentConfig,
-    LfsBlock,
-    NormalModelsBlock,
-    NormalSlicesBlock,
-    PruneBlock,
-)
+from auto_merge.config.schema import ExperimentConfig
 from auto_merge.models.inspect import (
     ModelInfo,
     ModelInspectionError,
@@ -129,7 +123,7 @@ class _ModelChecker:
 
     # -- per strategy ------------------------------------------------------------------------------------------
 
-    def check_experts(self, block: LfsBlock | DisBlock | PruneBlock) -> tuple[ModelInfo | None, list]:
+    def check_experts(self, block) -> tuple[ModelInfo | None, list]:
         base = self.model(("base_model",), block.base_model)
         experts = []
         for index, reference in enumerate(block.models):
@@ -138,7 +132,12 @@ class _ModelChecker:
             experts.append((("models", index), expert))
         return base, experts
 
-    def check_lfs(self, block: LfsBlock) -> None:
+    def check_models_exist(self, block) -> None:
+        """The generic check of a strategy with none of its own: `base_model` and every entry of `models` exist
+        and share the base's architecture."""
+        self.check_experts(block)
+
+    def check_lfs(self, block) -> None:
         base, experts = self.check_experts(block)
         depth = self.depth_of(("base_model",), base)
         if depth is None:
@@ -158,7 +157,7 @@ class _ModelChecker:
                                                  f"{base.reference!r}",
                              f"a substring of its tensor names, e.g. {_name_fragments(base.tensor_names)}")
 
-    def check_fixed_depth(self, block: DisBlock | PruneBlock) -> None:
+    def check_fixed_depth(self, block) -> None:
         base, experts = self.check_experts(block)
         for subpath, model in [(("base_model",), base)] + experts:
             depth = self.depth_of(subpath, model)
@@ -173,7 +172,7 @@ class _ModelChecker:
                          f"the name of each layer's MLP output projection, e.g. a substring among "
                          f"{_name_fragments(base.tensor_names)}")
 
-    def check_normal_models(self, block: NormalModelsBlock) -> None:
+    def check_normal_models(self, block) -> None:
         base = self.model(("base_model",), block.base_model)
         depth = self.depth_of(("base_model",), base)
         for index, entry in enumerate(block.models):
@@ -185,7 +184,7 @@ class _ModelChecker:
                 self.problem(subpath, f"model {entry.model!r} has {model_depth} layers, the base model {depth}",
                              f"a model with {depth} layers (use normal_slices to combine different depths)")
 
-    def check_normal_slices(self, block: NormalSlicesBlock) -> None:
+    def check_normal_slices(self, block) -> None:
         base = self.model(("base_model",), block.base_model)
         self.depth_of(("base_model",), base)
         for slice_index, piece in enumerate(block.slices):
@@ -225,18 +224,15 @@ def check_experiment_models(
     `extra_aliases` are added to `global_params.model_aliases` (and win). Returns reference → ModelInfo and records
     the folders in `config.model_paths`. Raises ConfigError listing every problem found."""
     aliases = {**config.global_params.model_aliases, **(extra_aliases or {})}
+    from auto_merge.strategies.registry import get_strategy
+
     checker = _ModelChecker(config, aliases, build_zoo)
     block = config.selected
-    if isinstance(block, LfsBlock):
-        checker.check_lfs(block)
-    elif isinstance(block, (DisBlock, PruneBlock)):
-        checker.check_fixed_depth(block)
-    elif isinstance(block, NormalModelsBlock):
-        checker.check_normal_models(block)
-    elif isinstance(block, NormalSlicesBlock):
-        checker.check_normal_slices(block)
+    entry = get_strategy(config.strategy)
+    if entry.check_models is not None:
+        entry.check_models(checker, block)
     else:
-        raise TypeError(f"no model checks for {type(block).__name__}")
+        checker.check_models_exist(block)
     if checker.problems:
         raise ConfigError(checker.problems, config_file=config.source_file)
     config._model_paths = {reference: info.path for reference, info in checker.infos.items()}

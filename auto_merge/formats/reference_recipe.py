@@ -3,11 +3,12 @@
 The reference (auto-merge-llm) writes a one-shot merge as ``merging_method: {METHOD: {PARAM: [{filter, value}]}}``,
 next to ``models`` (whole models) or on each of its ``slices`` (with an optional ``target``, the base layers the task
 vectors are taken against); ``docs/reference_format.md`` describes the files.
-:func:`auto_merge.merge.recipe.parse_recipe` recognises the format (:func:`_is_reference_format`) and translates it
-here (:func:`_from_reference`) before validating: ``scaling_coefficient`` becomes ``lambda``,
-``param_value_mask_rate`` r becomes ``density`` 1 - r, linear's ``weights`` list is split over the sources,
-``slerp_t`` becomes ``t`` with the first source as the slerp base, a slice's ``target`` becomes its ``base_model`` and
-``base_layer_range``, and every source of a task-arithmetic or TIES slice gets weight 1.
+:func:`read_recipe` recognises the format (:func:`is_reference_format`) and translates it (:func:`from_reference`)
+before the recipe schema validates it; the files' readers (:mod:`auto_merge.formats.recipe_files`) call it. Parameter names follow each method's aliases in its spec
+(``scaling_coefficient`` becomes ``lambda``, ``param_value_mask_rate`` r becomes ``density`` 1 - r, ``slerp_t`` becomes
+``t``); a per-model parameter's value list (linear's ``weights``) is split over the sources; a method whose first source
+is its base (slerp) gets it; a slice's ``target`` becomes its ``base_model`` and ``base_layer_range``; and every source
+of a weighted method given no weight gets weight 1 (the reference sums whole task vectors).
 
 Errors are :class:`auto_merge.merge.recipe.RecipeError`, naming the recipe file and the key path.
 """
@@ -18,24 +19,26 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-from auto_merge.merge.methods import list_methods
-from auto_merge.merge.recipe import RecipeError, _normalise_setting
-
-REFERENCE_METHOD_PARAMS = {
-    "linear": {"weights": "weight"},
-    "task_arithmetic": {"scaling_coefficient": "lambda"},
-    "ties": {"scaling_coefficient": "lambda", "param_value_mask_rate": "density"},
-    "slerp": {"slerp_t": "t"},
-}
+from auto_merge.merge.methods import get_method, list_methods
+from auto_merge.merge.param_values import normalise_setting
+from auto_merge.merge.recipe import Recipe, RecipeError, parse_recipe
 
 
-def _is_reference_format(data: Mapping) -> bool:
+def read_recipe(data: Any, *, source: str | None = None) -> Recipe:
+    """Recipe data as read from a user's file: the reference's format is translated, then the recipe schema checks
+    it (RecipeError naming ``source`` and the key path)."""
+    if isinstance(data, Mapping) and is_reference_format(data):
+        data = from_reference(data, source)
+    return parse_recipe(data, source=source)
+
+
+def is_reference_format(data: Mapping) -> bool:
     if "merging_method" in data:
         return True
     return any(isinstance(s, Mapping) and "merging_method" in s for s in data.get("slices") or [])
 
 
-def _from_reference(data: Mapping, source: str | None) -> dict:
+def from_reference(data: Mapping, source: str | None) -> dict:
     """The reference's `merging_method: {METHOD: {PARAM: [...]}}` recipes → the recipe schema's plain data."""
 
     def fail(message: str, key: str, allowed: str | None = None):
@@ -85,7 +88,7 @@ def _from_reference(data: Mapping, source: str | None) -> dict:
                 fail("must be {model, layer_range}", key=f"{key}.target")
             out["base_model"] = target.get("model", data.get("base_model"))
             out["base_layer_range"] = target["layer_range"]
-        if method == "slerp":
+        if method in list_methods() and get_method(method).first_source_is_base:
             # The reference interpolates from its first source (t = 0) to its second (t = 1).
             first = sources[0] if isinstance(sources[0], Mapping) else {}
             out["base_model"] = first.get("model")
@@ -109,20 +112,28 @@ def _reference_method(value: Any, key: str, fail) -> tuple[str, dict]:
 
 def _reference_params(method: str, params: dict, sources: list, extra: Any, key: str, fail):
     """Translate one reference method block; returns (sources with per-source params, slice-level params)."""
-    renames = REFERENCE_METHOD_PARAMS.get(method, {})
+    spec = get_method(method) if method in list_methods() else None  # an unknown method fails validation later
+    spellings = spec.spellings() if spec is not None else {}
     slice_params: dict[str, Any] = dict(extra) if isinstance(extra, Mapping) else {}
     for name, setting in params.items():
-        target = renames.get(name, name)
-        entries = _normalise_setting(setting)
-        if method == "ties" and name == "param_value_mask_rate":
-            entries = [_map_entry(entry, lambda rate: 1.0 - rate, f"{key}.{method}.{name}", fail) for entry in entries]
-        if method == "linear" and name == "weights":
+        param, alias = spellings.get(name, (None, None))
+        target = param.name if param is not None else name
+        entries = normalise_setting(setting)
+        if alias is not None and alias.complement:
+            entries = [_map_entry(entry, alias.to_canonical, f"{key}.{method}.{name}", fail) for entry in entries]
+        if alias is not None and param.scope == "per_model" and _has_value_list(entries):
             _split_per_source(entries, sources, target, f"{key}.{method}.{name}", fail)
             continue
         slice_params[target] = entries
-    if method in ("task_arithmetic", "ties") and "weight" not in slice_params:
+    if spec is not None and spec.has_param("weight") and "weight" not in slice_params \
+            and not all(isinstance(s, Mapping) and "weight" in (s.get("parameters") or {}) for s in sources):
         slice_params["weight"] = 1.0  # the reference sums whole task vectors: θ + λ·Σ τ_i
     return sources, slice_params
+
+
+def _has_value_list(entries: Any) -> bool:
+    return isinstance(entries, list) and any(isinstance(e, Mapping) and isinstance(e.get("value"), list)
+                                             for e in entries)
 
 
 def _map_entry(entry: Any, function, key: str, fail) -> dict:

@@ -14,17 +14,22 @@ fp32 and the caller casts the result to the output dtype.
 
 from auto_merge.merge.methods import (
     METHODS,
-    MergeInputs,
     MethodSpec,
     ParamSpec,
     ResolvedParams,
-    common_submatrix,
     get_method,
     list_methods,
-    merge_tensor,
     register_method,
     validate_params,
 )
+
+
+def __getattr__(name: str):
+    """merge_tensor, MergeInputs and common_submatrix import torch: loaded on first use."""
+    from auto_merge.merge import methods
+
+    return getattr(methods, name)
+
 
 __all__ = [
     "METHODS",

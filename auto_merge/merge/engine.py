@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auto_merge.errors import AutoMergeError
+from auto_merge.formats.mergekit import MergekitExportError, to_mergekit_yaml
+from auto_merge.formats.recipe_files import RecipeStage, load_recipe, load_stages
 from auto_merge.merge.io import (
     DEFAULT_SHARD_SIZE,
-    DTYPE_BYTES,
     SIDE_FILES,
     CheckpointReader,
     OutputTensor,
@@ -43,27 +45,16 @@ from auto_merge.merge.io import (
 )
 from auto_merge.merge import fused_gta
 from auto_merge.merge.fused import combination, combine_into, linear_terms
+from auto_merge.merge.memory_plan import Capacity
+from auto_merge.merge.merge_memory import plan_merge_memory, task_memory
 from auto_merge.merge.methods import merge_tensor
 from auto_merge.merge.plan import MergePlan, ModelCatalog, TensorInput, TensorTask, compile_plan
-from auto_merge.merge.recipe import (
-    Recipe,
-    RecipeError,
-    RecipeStage,
-    load_recipe,
-    load_stages,
-    rename_models,
-)
+from auto_merge.merge.recipe import Recipe, RecipeError, rename_models
 from auto_merge.merge.tokenizer import align_rows, write_chat_template, write_tokenizer
-from auto_merge.errors import AutoMergeError
-from auto_merge.formats.mergekit import MergekitExportError, to_mergekit_yaml
 from auto_merge.output_dirs import atomic_folder, check_replaceable
 
 RECIPE_FILE = "auto_merge_recipe.yml"
 MERGEKIT_FILE = "mergekit_config.yml"
-FP32_BYTES = 4
-# Temporaries a method makes (task vectors, masks, sign votes, sort buffers), in units of its fp32 inputs' size;
-# measured: TIES over 3 inputs peaked at ~6.6x the inputs above the runtime's footprint, allocator slack included.
-METHOD_WORKING_COPIES = 5
 
 
 def merge_task(task: TensorTask, fetch: Callable[[TensorInput], Any], *, seed: int = 0, device=None, out=None,
@@ -171,24 +162,13 @@ class MemoryEstimate:
 
 
 def estimate_memory(plan: MergePlan) -> MemoryEstimate:
-    """Per task: inputs as read, their fp32 (and row-mapped) copies, the method's working copies, the fp32 result and
-    its cast copy. An estimate: methods differ in how many temporaries they make."""
+    """Per task (:func:`auto_merge.merge.merge_memory.task_memory`): inputs as read, their fp32 (and row-mapped)
+    copies, the method's working copies, the fp32 result and its cast copy. An estimate: methods differ in how many
+    temporaries they make."""
     worst, worst_bytes = "", 0
     for task in plan.tasks:
-        as_read = copies = method_inputs = 0
-        for tensor_input in task.reads():
-            info = plan.input_info(tensor_input)
-            as_read += info.nbytes()
-            if info.dtype != "float32":
-                copies += info.numel * FP32_BYTES
-            numel = info.numel
-            if tensor_input.row_map is not None:
-                numel = info.numel // max(1, info.shape[0]) * tensor_input.row_map.rows
-                copies += numel * FP32_BYTES
-            method_inputs += numel * FP32_BYTES
-        result = plan.output_bytes(task) // DTYPE_BYTES[plan.out_dtype] * FP32_BYTES
-        cast = plan.output_bytes(task) if plan.out_dtype != "float32" else 0
-        total = as_read + copies + METHOD_WORKING_COPIES * method_inputs + result + cast
+        parts = task_memory(plan, task)
+        total = parts["as_read"] + parts["copies"] + parts["method"] + parts["result"] + parts["cast"]
         if total > worst_bytes:
             worst, worst_bytes = task.name, total
     return MemoryEstimate(worst, worst_bytes)
@@ -199,8 +179,13 @@ def output_layout(plan: MergePlan, out_shard_size: str | int) -> list[list[Outpu
     return plan_shards(tensors, parse_size(out_shard_size))
 
 
-def describe_plan(plan: MergePlan, out_shard_size: str | int = DEFAULT_SHARD_SIZE) -> str:
-    """What --dry-run prints: the plan summary, the output files and the memory estimate."""
+def describe_plan(plan: MergePlan, out_shard_size: str | int = DEFAULT_SHARD_SIZE, *, device: str = "cpu",
+                  gpu: Capacity | None = None, host: Capacity | None = None) -> str:
+    """What --dry-run prints: the plan summary, the output files, the memory estimate and the memory plan per
+    device (:func:`auto_merge.merge.merge_memory.plan_merge_memory`; ``device`` "cuda" for a merge on the GPU,
+    ``gpu``/``host`` the capacities, default: the host's detected memory, the GPU's unknown)."""
+    from auto_merge.merge.memory_plan import host_capacity
+
     shards = output_layout(plan, out_shard_size)
     memory = estimate_memory(plan)
     methods = sorted({task.method for task in plan.tasks})
@@ -209,7 +194,8 @@ def describe_plan(plan: MergePlan, out_shard_size: str | int = DEFAULT_SHARD_SIZ
              f"shards: {len(shards)} ({', '.join(shard_file_names(len(shards))[:3])}"
              f"{', ...' if len(shards) > 3 else ''})",
              f"memory estimate: {memory.peak_bytes / 1e6:.1f} MB peak for tensors (largest task: "
-             f"{memory.largest_task}), plus the Python/torch runtime; shards are streamed, not buffered"]
+             f"{memory.largest_task}), plus the Python/torch runtime; shards are streamed, not buffered",
+             plan_merge_memory(plan, device=device, gpu=gpu, host=host or host_capacity()).describe()]
     return "\n".join(lines)
 
 

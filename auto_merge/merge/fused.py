@@ -35,7 +35,7 @@ from functools import lru_cache
 import torch
 
 from auto_merge.merge.methods import get_method, validate_params
-from auto_merge.merge.methods.task_arithmetic import DIVISOR_FLOOR
+from auto_merge.merge.methods.gta_variants import DIVISOR_FLOOR
 
 # Up to this many distinct resident tensors per output tensor go through one kernel launch; more are chained.
 MAX_KERNEL_TERMS = 6

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from auto_merge.merge import sparsify
-from auto_merge.merge.methods.registry import ResolvedParams, validate_params
-from auto_merge.merge.methods.task_arithmetic import DIVISOR_FLOOR, GTA_VARIANTS
+from auto_merge.merge.methods.spec import ResolvedParams, validate_params
+from auto_merge.merge.methods.gta_variants import DIVISOR_FLOOR, GTA_VARIANTS
 
 # Methods the kernels evaluate (task_arithmetic itself is a fixed linear combination: auto_merge.merge.fused).
 KERNEL_SPARSIFIERS = ("magnitude", "magnitude_outliers", "bernoulli", "della_magprune")

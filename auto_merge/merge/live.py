@@ -8,10 +8,14 @@ Two entry points:
 
 - :class:`LiveMerger` runs the same :class:`~auto_merge.merge.plan.MergePlan` the streaming engine runs (a recipe
   compiled against the models' headers), so a candidate scored live is exactly the checkpoint `auto-merge merge`
-  would write for its recipe. Source tensors are loaded once per model and kept, in fp32 (or, to save memory, the
-  experts as bf16 task vectors against an fp32 base), on the GPU when there is one and they fit, else on the CPU.
-  Each output tensor's task is remembered; a tensor whose task did not change since the last candidate (e.g. a
-  layer group the search did not touch) is not recomputed. A plan of another depth (DIS, pruning) resizes the live
+  would write for its recipe. Source tensors are loaded once per model and kept where its memory plan
+  (:func:`auto_merge.merge.memory_plan.plan_live_memory`, the plan `auto-merge search --dry-run` prints) puts them:
+  in fp32 (or as asked: an fp32 base with bf16 task vectors, or bf16 weights) on the GPU when they fit there with the
+  live model; else as stored (16-bit checkpoints stay 16-bit) on the GPU; else in pinned host memory, each output
+  tensor's inputs copied to the GPU through one reused staging buffer (*streamed*); without a GPU, on the CPU. Every
+  layout holds the same values, so a candidate's weights do not depend on it. Each output tensor's task is
+  remembered; a tensor whose task did not change since the last candidate (e.g. a layer group the search did not
+  touch) is not recomputed. A plan of another depth (DIS, pruning) resizes the live
   model's decoder first (:class:`LiveDepth`): layer modules are kept in a pool and re-used, never re-created per
   candidate.
 - :func:`materialise_into` takes a *tensor plan* (tensor name → :class:`TensorSpec`) over one base and a fixed list
@@ -21,8 +25,10 @@ Two entry points:
 from __future__ import annotations
 
 import copy
+import itertools
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,23 +38,28 @@ import torch
 from auto_merge.merge.engine import merge_task
 from auto_merge.merge.fused import combination, combine_into, linear_coefficients, linear_terms
 from auto_merge.merge.methods import get_method, merge_tensor
-from auto_merge.merge.plan import (
-    DEPTH_KEYS,
-    MergePlan,
-    ModelCatalog,
-    SourceModel,
-    TensorInput,
-    compile_plan,
-    layer_index,
-    layer_key,
+from auto_merge.merge.memory_plan import (
+    GPU_MEMORY_SHARE,
+    Capacity,
+    LiveModel,
+    MemoryPlan,
+    ModelShapes,
+    aligned,
+    gpu_capacity,
+    host_capacity,
+    kept_dtype,
+    pack_blocks,
+    plan_live_memory,
+    requested_form,
 )
+from auto_merge.merge.plan import MergePlan, TensorInput, compile_plan
 from auto_merge.merge.recipe import Recipe, parse_recipe
+from auto_merge.merge.sources import DEPTH_KEYS, ModelCatalog, SourceModel
+from auto_merge.models.layers import layer_index, layer_key
 
-__all__ = ["LiveDepth", "LiveMerger", "LiveUpdate", "ResidentModels", "ResidentSources", "TensorSpec", "TensorPlan",
-           "layer_index", "materialise_into", "read_state"]
-
-# Share of free GPU memory the resident sources may take when the device is chosen automatically.
-GPU_MEMORY_SHARE = 0.8
+__all__ = ["GPU_MEMORY_SHARE", "LiveDepth", "LiveMerger", "LiveUpdate", "ResidentModels", "ResidentSources",
+           "StagingBuffer", "TensorSpec", "TensorPlan", "layer_index", "live_footprint", "materialise_into",
+           "read_state"]
 
 
 @dataclass(frozen=True)
@@ -132,24 +143,32 @@ def materialise_into(model: torch.nn.Module, sources: ResidentSources, plan: Ten
 class ResidentModels:
     """Source tensors by (model, name), each model read completely on first use and kept on one device.
 
-    In fp32 every tensor is kept as read. With a 16-bit ``dtype`` the ``anchor`` model (the base) stays in fp32 and
-    the other models are kept as 16-bit *task vectors* against it (same-name tensors of equal shape; others as
-    weights), rebuilt in fp32 on each read: rounding then hits the small differences a merge is about, not the
-    large weights they ride on.
+    How each tensor is kept is the ``form`` of :mod:`auto_merge.merge.memory_plan` (:func:`kept_dtype`): ``float32``
+    keeps every tensor in fp32; ``task_vectors`` (a 16-bit ``dtype`` with an ``anchor``) keeps the anchor model (the
+    base) in fp32 and the other models as 16-bit *task vectors* against it (same-name tensors of equal shape; others
+    as weights), rebuilt in fp32 on each read: rounding then hits the small differences a merge is about, not the
+    large weights they ride on; ``weights16`` keeps every model in ``dtype``; ``as_stored`` keeps 16-bit tensors as
+    the checkpoint stores them and the others in fp32 (the fp32 values, in less memory). Without a ``form`` it
+    follows from ``dtype`` and ``anchor``. With ``block_bytes`` (the streamed layout) a model's tensors are packed
+    into blocks of that size (:func:`pack_blocks`), in pinned memory with ``pin``.
     """
 
     def __init__(self, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 anchor: SourceModel | None = None):
+                 anchor: SourceModel | None = None, form: str | None = None, pin: bool = False,
+                 block_bytes: int = 0):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"resident sources are kept in float32, bfloat16 or float16, not {dtype}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # Tensors report "cuda:0": an index-less device would never compare equal to the live model's.
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = _indexed(torch.device(device))
         self.dtype = dtype
-        self.anchor = anchor if dtype != torch.float32 else None
+        self.form = form or requested_form(_dtype_name(dtype), anchor is not None)
+        if self.form == "task_vectors" and anchor is None:
+            raise ValueError("task vectors need the anchor model they are kept against")
+        self.anchor = anchor if self.form == "task_vectors" else None
+        self.pin = pin
+        self.block_bytes = block_bytes
         self._states: dict[str, dict[str, torch.Tensor]] = {}
         self._deltas: dict[str, set[str]] = {}
+        self._blocks: dict[str, list[torch.Tensor]] = {}
 
     def tensor(self, model: SourceModel, name: str) -> torch.Tensor:
         state = self._state(model)
@@ -166,31 +185,68 @@ class ResidentModels:
         return stored, None
 
     def _state(self, model: SourceModel) -> dict[str, torch.Tensor]:
-        state = self._states.get(model.ref)
-        if state is None:
-            state = self._load(model)
-            self._states[model.ref] = state
-        return state
+        if model.ref not in self._states:
+            self.load(model)
+        return self._states[model.ref]
 
-    def _load(self, model: SourceModel) -> dict[str, torch.Tensor]:
+    def load(self, model: SourceModel, read: Callable[[str], torch.Tensor] | None = None) -> None:
+        """Read every tensor of ``model`` (from its checkpoint, or ``read(name)`` for each of ``model.tensors``)
+        and keep it as the form says. A model already kept is read again."""
+        if read is not None:
+            self._keep(model, sorted(model.tensors), read)
+            return
         from auto_merge.merge.io import CheckpointReader
 
+        with CheckpointReader(model.path, allow_pickle=model.allow_pickle) as reader:
+            self._keep(model, list(reader.names), reader.get_tensor, after_each=reader.release)
+
+    def _keep(self, model: SourceModel, names: list[str], read: Callable[[str], torch.Tensor],
+              after_each: Callable[[], None] | None = None) -> None:
         is_anchor = self.anchor is not None and model.ref == self.anchor.ref
         anchor_state = self._state(self.anchor) if self.anchor is not None and not is_anchor else None
-        keep_dtype = torch.float32 if is_anchor else self.dtype
+        requested = _dtype_name(self.dtype)
+
+        def keep_dtype(name: str, stored: torch.dtype) -> torch.dtype:
+            info = model.tensors.get(name)
+            stored_name = info.dtype if info is not None else _dtype_name(stored)
+            return getattr(torch, kept_dtype(self.form, stored_name, is_anchor=is_anchor, dtype=requested))
+
+        destinations: dict[str, torch.Tensor] = {}
+        if self.block_bytes:
+            missing = [name for name in names if name not in model.tensors]
+            if missing:
+                raise KeyError(f"model {model.ref}: no header entry for {missing[:3]}")
+            kept = [keep_dtype(name, torch.float32) for name in names]
+            sizes = [model.tensors[n].numel * torch.tensor([], dtype=k).element_size() for n, k in zip(names, kept)]
+            block, where, count = pack_blocks(sizes, self.block_bytes)
+            blocks = [torch.empty(block, dtype=torch.uint8, device=self.device, pin_memory=self.pin)
+                      for _ in range(count)]
+            self._blocks[model.ref] = blocks
+            for name, dtype, size, (index, offset) in zip(names, kept, sizes, where):
+                destinations[name] = blocks[index][offset:offset + size].view(dtype).view(model.tensors[name].shape)
+
         state, deltas = {}, set()
-        with CheckpointReader(model.path, allow_pickle=model.allow_pickle) as reader:
-            for name in reader.names:
+        for name in names:
+            source = read(name)
+            keep = keep_dtype(name, source.dtype)
+            reference = anchor_state.get(name) if anchor_state is not None else None
+            if reference is not None and reference.shape == source.shape:
                 # A copy: the reader hands out views of the file's pages.
-                tensor = reader.get_tensor(name).to(device=self.device, dtype=torch.float32, copy=True)
-                reader.release()
-                reference = anchor_state.get(name) if anchor_state is not None else None
-                if reference is not None and reference.shape == tensor.shape:
-                    tensor = tensor.sub_(reference)
-                    deltas.add(name)
-                state[name] = tensor.to(keep_dtype)
+                tensor = source.to(device=self.device, dtype=torch.float32, copy=True).sub_(reference)
+                deltas.add(name)
+            else:
+                tensor = source
+            target = destinations.get(name)
+            if target is not None:
+                target.copy_(tensor)
+                state[name] = target
+            else:
+                state[name] = tensor.to(device=self.device, dtype=keep, copy=tensor is source)
+            del source, tensor
+            if after_each is not None:
+                after_each()
+        self._states[model.ref] = state
         self._deltas[model.ref] = deltas
-        return state
 
     def adopt(self, ref: str, state: dict[str, torch.Tensor]) -> None:
         """Keep tensors already in memory as model ``ref``'s weights, as they are (no copy, no conversion)."""
@@ -203,19 +259,74 @@ class ResidentModels:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for state in self._states.values() for t in state.values())
+        """Bytes held: the tensors, or the blocks they are packed into."""
+        total = sum(block.numel() for blocks in self._blocks.values() for block in blocks)
+        return total + sum(t.numel() * t.element_size() for ref, state in self._states.items()
+                           if ref not in self._blocks for t in state.values())
 
 
-def choose_device(models: Mapping[str, SourceModel], dtype: torch.dtype, preferred: str = "auto") -> str:
-    """``preferred`` unless "auto": then CUDA when available and the sources fit in its free memory, else CPU."""
-    if preferred != "auto":
-        return preferred
-    if not torch.cuda.is_available():
-        return "cpu"
-    element = torch.tensor([], dtype=dtype).element_size()
-    needed = sum(info.numel * element for model in models.values() for info in model.tensors.values())
-    free, _total = torch.cuda.mem_get_info()
-    return "cuda" if needed <= GPU_MEMORY_SHARE * free else "cpu"
+class StagingBuffer:
+    """One reused buffer on the compute device that a streamed output tensor's stored inputs are copied into.
+
+    :meth:`begin` starts an output tensor; :meth:`stage` returns a tensor's copy in the buffer, the same object for
+    the same source within one output tensor (an input read twice is copied once, and identity checks such as
+    "this expert's task vector is against the base" keep working). Copies from pinned memory are asynchronous on
+    the current stream, so they are ordered before the merge that reads them and after the previous tensor's merge.
+    """
+
+    def __init__(self, device: str | torch.device, nbytes: int = 0):
+        self.device = _indexed(torch.device(device))
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.used = 0
+        self.copied_bytes = 0
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def begin(self) -> None:
+        self.used = 0
+        self._staged.clear()
+
+    def stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        staged = self._staged.get(id(tensor))
+        if staged is not None:
+            return staged[0]
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.used + aligned(nbytes) > self.buffer.numel():
+            # More than planned: a larger buffer; the copies made so far stay valid in the old one until begin().
+            self.buffer = torch.empty(max(2 * self.buffer.numel(), aligned(nbytes)), dtype=torch.uint8,
+                                      device=self.device)
+            self.used = 0
+        view = self.buffer[self.used:self.used + nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor, non_blocking=True)
+        self.used += aligned(nbytes)
+        self.copied_bytes += nbytes
+        self._staged[id(tensor)] = (view, tensor)  # the source is held, so its id is not reused meanwhile
+        return view
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        # Tensors report "cuda:0": an index-less device would never compare equal to the live model's.
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def live_footprint(model: torch.nn.Module) -> LiveModel:
+    """The live model's bytes (parameters and buffers, shared storages once), dtype and device."""
+    seen: set[tuple[str, int]] = set()
+    total, dtype, device = 0, None, "cpu"
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        key = (str(tensor.device), tensor.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+        if dtype is None and tensor.is_floating_point():
+            dtype, device = _dtype_name(tensor.dtype), str(tensor.device)
+    return LiveModel(total, dtype or "float32", device)
 
 
 class LiveDepth:
@@ -298,23 +409,77 @@ class LiveMerger:
     """Writes merge candidates (recipes or plans) into one live model in place, recomputing only changed tensors."""
 
     def __init__(self, model: torch.nn.Module, catalog: ModelCatalog | None = None, *, device: str = "auto",
-                 dtype: torch.dtype = torch.float32, task_vectors: bool = True, fused: bool = True):
+                 dtype: torch.dtype = torch.float32, task_vectors: bool = True, fused: bool = True,
+                 layout: str = "auto", models: Iterable[str] | None = None, gpu_memory: int | None = None,
+                 host_memory: int | None = None):
         """``dtype``: how sources are kept. With a 16-bit dtype and ``task_vectors``, the first plan's base stays
         fp32 and the other models are kept as 16-bit task vectors against it; without, every model is kept as
         16-bit weights (half the memory of the base's fp32 copy, less precise task vectors). ``fused`` (default):
         evaluate linear combinations (linear, task arithmetic, passthrough) in one pass over the resident tensors,
         straight into the parameters (:mod:`auto_merge.merge.fused`), as the streaming engine does, so a CPU
         candidate is bit-identical to the checkpoint `auto-merge merge` writes; False runs the methods' own
-        evaluation instead (equal up to fp32 rounding; for comparisons)."""
+        evaluation instead (equal up to fp32 rounding; for comparisons).
+
+        Where the sources go is the memory plan's decision (:meth:`plan_memory`), made at the first candidate:
+        ``device`` ("auto", "cpu", "cuda[:N]") is where tensors are merged, ``layout`` "auto" or a forced one of
+        :data:`auto_merge.merge.memory_plan.LAYOUTS`; ``models`` lists every model the candidates will read (a
+        search's base and experts; default: the first candidate's), ``gpu_memory`` / ``host_memory`` (bytes)
+        replace the detected capacities (default: the GPU's free memory plus the live model on it, the host's
+        physical memory)."""
         self.model = model
         self.catalog = catalog or ModelCatalog()
         self.preferred_device = device
         self.dtype = dtype
         self.task_vectors = task_vectors
         self.fused = fused
+        self.layout = layout
+        self.models = list(models) if models is not None else None
+        self.gpu_memory = gpu_memory
+        self.host_memory = host_memory
+        self.memory_plan: MemoryPlan | None = None
         self.resident: ResidentModels | None = None
         self.depth = LiveDepth(model)
         self._applied: dict[str, Any] = {}
+        self._compute_device: torch.device | None = None
+        self._staging: StagingBuffer | None = None
+
+    def plan_memory(self, plan: MergePlan) -> MemoryPlan:
+        """The placement of the sources, the live model and the per-tensor buffers (computed once, from headers
+        and the capacities): what :meth:`apply` does, and what `auto-merge search --dry-run` prints."""
+        if self.memory_plan is not None:
+            return self.memory_plan
+        anchor = plan.recipe.base_model or plan.template
+        refs = list(dict.fromkeys([anchor, *(self.models or ()), *plan.models]))
+        sources = [plan.models[ref] if ref in plan.models else self.catalog.get(ref) for ref in refs]
+        live = live_footprint(self.model)
+        device = self.preferred_device
+        if device == "cpu" or (device == "auto" and not torch.cuda.is_available() and self.gpu_memory is None):
+            gpu = Capacity(None, "none")
+        else:
+            gpu_device = device if device.startswith("cuda") else "cuda"
+            same = live.on_gpu and torch.cuda.is_available() and _indexed(torch.device(live.device)) == \
+                _indexed(torch.device(gpu_device))
+            gpu = gpu_capacity(gpu_device, self.gpu_memory, free=True, held=live.nbytes if same else 0)
+        self.memory_plan = plan_live_memory(
+            [ModelShapes.from_infos(model.ref, model.tensors) for model in sources], anchor=anchor, live=live,
+            device=device, dtype=_dtype_name(self.dtype), task_vectors=self.task_vectors, gpu=gpu,
+            host=host_capacity(self.host_memory), layout=self.layout)
+        return self.memory_plan
+
+    def prepare(self, plan: MergePlan) -> None:
+        """Set up the resident store (and, streamed, the staging buffer) as the memory plan says; the first
+        :meth:`apply` does it. Models are read on first use (or given with ``self.resident.load``)."""
+        memory = self.plan_memory(plan)
+        if memory.fits is False:
+            warnings.warn(f"the live merge's memory plan does not fit ({memory.summary()}): {memory.advice}",
+                          RuntimeWarning, stacklevel=3)
+        anchor = None
+        if memory.anchor is not None:
+            anchor = plan.models.get(memory.anchor) or self.catalog.get(memory.anchor)
+        self.resident = ResidentModels(device=memory.source_device, dtype=self.dtype, anchor=anchor,
+                                       form=memory.form, pin=memory.pinned, block_bytes=memory.block_bytes)
+        self._compute_device = _indexed(torch.device(memory.compute_device))
+        self._staging = StagingBuffer(self._compute_device, memory.staging_bytes) if memory.streamed else None
 
     def compile(self, recipe: Recipe | Mapping, *, source: str | None = None) -> MergePlan:
         """The plan for a recipe (or recipe data); model headers are read once, through the catalog."""
@@ -332,16 +497,23 @@ class LiveMerger:
         self.depth.fit(plan)
         targets, tied = self._targets(plan)
         if self.resident is None:
-            device = choose_device(plan.models, self.dtype, self.preferred_device)
-            anchor = plan.models[plan.recipe.base_model or plan.template] if self.task_vectors else None
-            self.resident = ResidentModels(device=device, dtype=self.dtype, anchor=anchor)
+            self.prepare(plan)
         resident = self.resident
-
-        def fetch(tensor_input: TensorInput) -> torch.Tensor:
-            return resident.tensor(plan.models[tensor_input.model], tensor_input.name)
+        # A store set from outside (tensors adopted) is used where it lies.
+        compute = self._compute_device if self._compute_device is not None else resident.device
+        staging = self._staging
 
         def expand(tensor_input: TensorInput) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return resident.stored(plan.models[tensor_input.model], tensor_input.name)
+            weight, delta = resident.stored(plan.models[tensor_input.model], tensor_input.name)
+            if staging is None:
+                return weight, delta
+            return staging.stage(weight), staging.stage(delta) if delta is not None else None
+
+        def fetch(tensor_input: TensorInput) -> torch.Tensor:
+            if staging is None:
+                return resident.tensor(plan.models[tensor_input.model], tensor_input.name)
+            weight, delta = expand(tensor_input)  # as ResidentModels.tensor, from the staged copies
+            return weight if delta is None else weight + delta.to(torch.float32)
 
         recomputed, reused = [], []
         for task in plan.tasks:
@@ -352,18 +524,22 @@ class LiveMerger:
                 reused.append(task.name)
                 continue
             target = targets[task.name]
+            if staging is not None:
+                staging.begin()
             if not self.fused and linear_terms(task) is not None:
                 merged = merge_tensor(task.method, [fetch(i) for i in task.inputs],
                                       fetch(task.base) if task.base is not None else None, task.global_dict(),
                                       task.per_model_dicts(), seed=seed, tensor_name=task.name)
                 target.copy_((merged * task.output_scale).to(device=target.device, dtype=target.dtype))
-            elif target.device == resident.device:
-                merge_task(task, fetch, seed=seed, device=resident.device, out=target, expand=expand)
+            elif target.device == compute:
+                merge_task(task, fetch, seed=seed, device=compute, out=target, expand=expand)
             else:
-                merged = merge_task(task, fetch, seed=seed, device=resident.device, expand=expand)
+                merged = merge_task(task, fetch, seed=seed, device=compute, expand=expand)
                 target.copy_(merged.to(device=target.device, dtype=target.dtype))
             self._applied[task.name] = key
             recomputed.append(task.name)
+        if staging is not None:
+            staging.begin()  # drop the last tensor's references
         return LiveUpdate(tuple(recomputed), tuple(reused), tuple(sorted(tied)), time.perf_counter() - started)
 
     def _targets(self, plan: MergePlan) -> tuple[dict[str, torch.Tensor], set[str]]:

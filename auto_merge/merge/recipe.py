@@ -18,14 +18,15 @@ do), and ``base_layer_range`` (the reference's ``target``) says which layers of 
 are taken against.
 
 The reference's slice format (``merging_method: {METHOD: {PARAM: [{filter, value}]}}`` on slices or next to
-``models``) is translated into this schema on reading (:mod:`auto_merge.formats.reference_recipe`); the mergekit
-export lives in :mod:`auto_merge.formats.mergekit`.
+``models``) is translated into this schema when a file is read (:mod:`auto_merge.formats.recipe_files`,
+:mod:`auto_merge.formats.reference_recipe`); the mergekit export lives in :mod:`auto_merge.formats.mergekit`. This
+module knows only its own schema.
 
 The output vocabulary is ``tokenizer_source`` (base, union or a model) or mergekit's ``tokenizer:`` block
 (:class:`TokenizerBlock`, see :mod:`auto_merge.merge.tokenizer`); ``chat_template`` (a name, ``auto`` or a Jinja
 template) replaces the output tokenizer's template.
 
-A file may hold several YAML documents (mergekit-multi, :func:`load_stages`): each a recipe with a ``name``, at most
+A file may hold several YAML documents (mergekit-multi, :func:`auto_merge.formats.recipe_files.load_stages`): each a recipe with a ``name``, at most
 one unnamed (the final merge); a stage's name used as a model means that stage's output.
 
 Errors are :class:`RecipeError` (a ValueError) naming the recipe file and key path and the allowed values, raised
@@ -34,12 +35,7 @@ before any model is read.
 
 from __future__ import annotations
 
-import math
-import numbers
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -47,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from auto_merge.errors import AutoMergeError
 from auto_merge.merge.methods import get_method, list_methods
+from auto_merge.merge.param_values import ParamEntry, Parameters, normalise_parameters
 from auto_merge.merge.tokenizer import CHAT_TEMPLATES, chat_template_kind
 
 DTYPE_ALIASES = {
@@ -55,8 +52,6 @@ DTYPE_ALIASES = {
     "bfloat16": "bfloat16", "bf16": "bfloat16",
 }
 TOKENIZER_MODES = ("base", "union")
-# mergekit options that change memory use only; accepted wherever mergekit accepts them and otherwise ignored.
-MEMORY_ONLY_PARAMS = {"int8_mask"}
 # Accepted by every method (global scope): multiplies the merged tensor. Depth strategies fold a layer's output scale
 # into its MLP output projection with it (`output_scale: [{filter: mlp.down_proj, value: s}, {value: 1.0}]`).
 OUTPUT_SCALE = "output_scale"
@@ -97,109 +92,6 @@ def split_key(key: str | None) -> tuple:
     return tuple(path)
 
 
-# ----------------------------------------------------------------------------------------------- parameter values
-class ParamEntry(BaseModel):
-    """One conditional value: ``value`` (scalar or gradient list) applies to tensors whose name contains ``filter``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    filter: Optional[str] = None
-    value: Any
-
-    @field_validator("filter")
-    @classmethod
-    def _filter_not_empty(cls, value):
-        if value is not None and not value:
-            raise ValueError("an empty filter matches every tensor; leave it out for the fallback entry")
-        return value
-
-    @field_validator("value")
-    @classmethod
-    def _check_value(cls, value):
-        if isinstance(value, list):
-            value = tuple(value)
-        if isinstance(value, tuple):
-            if not value:
-                raise ValueError("a gradient needs at least one value")
-            if not all(_is_scalar(item) for item in value):
-                raise ValueError(f"a gradient holds numbers (or bools/strings), got {list(value)!r}")
-            kinds = {_scalar_kind(item) for item in value}
-            if len(kinds) != 1:
-                raise ValueError(f"a gradient mixes value types: {list(value)!r}")
-            return value
-        if not _is_scalar(value):
-            raise ValueError(f"expected a number, bool, string or a list of numbers, got {value!r}")
-        return value
-
-    @property
-    def is_fallback(self) -> bool:
-        return self.filter is None or self.filter == "*"
-
-
-def _is_scalar(value: Any) -> bool:
-    if isinstance(value, (bool, str)):
-        return True
-    return isinstance(value, numbers.Real) and math.isfinite(float(value))
-
-
-def _scalar_kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return "bool"
-    return "str" if isinstance(value, str) else "number"
-
-
-def _normalise_setting(setting: Any) -> Any:
-    """Any mergekit spelling of one parameter → a list of {filter, value} dicts (pydantic checks them next)."""
-    if isinstance(setting, Mapping):
-        return [setting]
-    if isinstance(setting, list) and setting and all(isinstance(item, Mapping) for item in setting):
-        return setting
-    if isinstance(setting, list) and any(isinstance(item, Mapping) for item in setting):
-        raise ValueError("mixes {filter, value} entries with plain values; write every item as {filter, value}")
-    return [{"value": setting}]
-
-
-def _normalise_parameters(parameters: Any) -> Any:
-    if parameters is None:
-        return {}
-    if not isinstance(parameters, Mapping):
-        return parameters  # pydantic reports the type error at the right key
-    return {name: _normalise_setting(setting) for name, setting in parameters.items()}
-
-
-Parameters = dict[str, tuple[ParamEntry, ...]]
-
-
-def evaluate_setting(entries: tuple[ParamEntry, ...], tensor_name: str, position: float) -> Any:
-    """The value of one parameter for ``tensor_name`` at ``position`` (0..1 across the slice), None if no entry applies.
-
-    The first entry whose filter occurs in the name wins; else the fallback entry. Number lists are interpolated
-    piecewise-linearly (mergekit's gradients); bool/string lists are steps.
-    """
-    chosen = next((entry for entry in entries if not entry.is_fallback and entry.filter in tensor_name), None)
-    if chosen is None:
-        chosen = next((entry for entry in entries if entry.is_fallback), None)
-    if chosen is None:
-        return None
-    return interpolate(chosen.value, position)
-
-
-def interpolate(value: Any, position: float) -> Any:
-    if not isinstance(value, tuple):
-        return value
-    if len(value) == 1:
-        return value[0]
-    if _scalar_kind(value[0]) != "number":
-        return value[int(position * (len(value) - 1))]
-    scaled = position * (len(value) - 1)
-    low = min(int(scaled), len(value) - 1)
-    high = min(len(value) - 1, low + 1)
-    fraction = scaled - low
-    if fraction == 0:
-        return value[low]
-    return (1 - fraction) * value[low] + fraction * value[high]
-
-
 # ------------------------------------------------------------------------------------------------ recipe model
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -207,7 +99,7 @@ class _Strict(BaseModel):
     @field_validator("parameters", mode="before", check_fields=False)
     @classmethod
     def _normalise_parameter_spellings(cls, value):
-        return _normalise_parameters(value)
+        return normalise_parameters(value)
 
 
 class ModelSource(_Strict):
@@ -514,118 +406,6 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
-# ------------------------------------------------------------------------------------------------- reading
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a one-recipe YAML file (mergekit schema or the reference's slice format). A file of several
-    stages (mergekit-multi) is read with :func:`load_stages`."""
-    source = str(path)
-    documents = _read_documents(path)
-    if len(documents) != 1:
-        raise RecipeError(f"expected one YAML document, found {len(documents)}"
-                          + (" (a mergekit-multi file of stages: `auto-merge merge` runs it, load_stages reads it)"
-                             if len(documents) > 1 else ""), source=source)
-    document = documents[0]
-    if isinstance(document, Mapping) and "name" in document:  # a one-stage mergekit-multi file
-        _stage_name(document["name"], source)
-        document = {key: value for key, value in document.items() if key != "name"}
-    return parse_recipe(document, source=source)
-
-
-def _read_documents(path: str | Path) -> list:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise RecipeError(f"cannot read the recipe: {error}", source=str(path)) from None
-    try:
-        return [document for document in yaml.safe_load_all(text) if document is not None]
-    except yaml.YAMLError as error:
-        raise RecipeError(f"not valid YAML: {error}", source=str(path)) from None
-
-
-# A stage's name becomes the name of its folder.
-STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-@dataclass(frozen=True)
-class RecipeStage:
-    """One document of a mergekit-multi file: its ``name`` (None for the unnamed final merge), its recipe, its
-    document number (0-based) and the names of the earlier stages whose outputs it merges."""
-
-    name: str | None
-    recipe: Recipe
-    document: int
-    uses: tuple[str, ...] = ()
-    final: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"stage {self.name!r}" if self.name else "the final merge"
-
-
-def load_stages(path: str | Path) -> list[RecipeStage]:
-    """Read a recipe file of one or more YAML documents (mergekit-multi): each document a recipe with a ``name``, at
-    most one without (the final merge). A model reference equal to a stage's name means that stage's output. The
-    final merge is the unnamed document, else the last document no other stage uses. Returns the stages in the order to run them: each after
-    the stages it uses, otherwise in file order, the final merge last. Errors name the document and the key."""
-    source = str(path)
-    documents = _read_documents(path)
-    if not documents:
-        raise RecipeError("the file holds no recipe", source=source)
-    names: list[str | None] = []
-    for index, document in enumerate(documents):
-        where = f"{source} (document {index + 1})" if len(documents) > 1 else source
-        if not isinstance(document, Mapping):
-            raise RecipeError(f"a recipe is a mapping, got {type(document).__name__}", source=where)
-        name = _stage_name(document["name"], where) if "name" in document else None
-        if name is not None and name in names:
-            raise RecipeError(f"stage {name!r} is defined twice (documents {names.index(name) + 1} and {index + 1})",
-                              source=where, key="name", allowed="a name per stage")
-        if name is None and None in names:
-            raise RecipeError(f"documents {names.index(None) + 1} and {index + 1} both have no name; only the final "
-                              "merge may be unnamed", source=where, key="name", allowed="a name per stage")
-        names.append(name)
-    parsed = []
-    for index, document in enumerate(documents):
-        where = f"{source} (document {index + 1})" if len(documents) > 1 else source
-        data = {key: value for key, value in document.items() if key != "name"}
-        recipe = parse_recipe(data, source=where)
-        uses = tuple(ref for ref in recipe.model_refs() if ref in names and ref is not None)
-        if names[index] in uses:
-            raise RecipeError(f"stage {names[index]!r} merges its own output", source=where, key="name")
-        parsed.append((recipe, uses))
-    used = {name for _, uses in parsed for name in uses}
-    final_index = names.index(None) if None in names else max(i for i, name in enumerate(names) if name not in used
-                                                              ) if set(names) - used else len(names) - 1
-    stages = [RecipeStage(names[index], recipe, index, uses, final=index == final_index)
-              for index, (recipe, uses) in enumerate(parsed)]
-    return _stage_order(stages, source)
-
-
-def _stage_name(value: Any, source: str) -> str:
-    if not isinstance(value, str) or not STAGE_NAME.fullmatch(value):
-        raise RecipeError(f"{value!r} is not a stage name (it names the stage's folder)", source=source, key="name",
-                          allowed="letters, digits, '.', '_' and '-', starting with a letter or digit")
-    return value
-
-
-def _stage_order(stages: list[RecipeStage], source: str) -> list[RecipeStage]:
-    """Each stage after the stages it uses, otherwise in file order; the final merge last."""
-    done: list[RecipeStage] = []
-    names_done: set[str] = set()
-    pending = [stage for stage in stages if not stage.final] + [stage for stage in stages if stage.final]
-    while pending:
-        ready = next((stage for stage in pending if set(stage.uses) <= names_done), None)
-        if ready is None:
-            cycle = ", ".join(repr(stage.name) for stage in pending)
-            raise RecipeError(f"the stages {cycle} use each other's outputs in a cycle", source=source)
-        pending.remove(ready)
-        done.append(ready)
-        if ready.name is not None:
-            names_done.add(ready.name)
-    return done
-
-
 def rename_models(recipe: Recipe, names: Mapping[str, str]) -> Recipe:
     """The recipe with model references replaced as ``names`` says (stage names → their output folders)."""
     if not any(ref in names for ref in recipe.model_refs()):
@@ -669,10 +449,6 @@ def parse_recipe(data: Any, *, source: str | None = None) -> Recipe:
     if "tokenizer" in data and "tokenizer_source" in data:
         raise RecipeError("give tokenizer_source or a tokenizer block (with its source), not both", source=source,
                           key="tokenizer")
-    from auto_merge.formats.reference_recipe import _from_reference, _is_reference_format  # it imports this module
-
-    if _is_reference_format(data):
-        data = _from_reference(data, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
@@ -801,8 +577,7 @@ def accepted_parameter_names(method: str) -> dict[str, str]:
     names = {param.name: param.scope for param in spec.params}
     if spec.has_param("rescale_mode"):
         names["rescale"] = "global"  # mergekit's bool spelling, translated by the registry
-    if spec.has_param("lambda"):
-        names.update({name: "global" for name in MEMORY_ONLY_PARAMS})
+    names.update({name: "global" for name in spec.ignored_params})  # mergekit's int8_mask: accepted, ignored
     names[OUTPUT_SCALE] = "global"
     return names
 

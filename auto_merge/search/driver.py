@@ -171,11 +171,11 @@ def run_search(config_path: str | Path, *, overwrite: bool = False, run_name: st
                show_progress: bool = True, write_model: bool = True, config=None) -> SearchResult:
     """`config`: the already validated ExperimentConfig of `config_path`, when the caller has it (the CLI)."""
     from auto_merge.config import load_experiment
-    from auto_merge.strategies import build_strategy
+    from auto_merge.strategies import build_strategy, get_strategy
 
     if config is None:
         config = load_experiment(config_path)  # raises ConfigError before any model is loaded
-    if config.strategy in ("normal_models", "normal_slices"):  # one-shot merges: no search
+    if get_strategy(config.strategy).one_shot:  # normal_models, normal_slices: one merge, no search
         from auto_merge.search.oneshot import run_oneshot
 
         return run_oneshot(config, overwrite=overwrite, run_name=run_name, show_progress=show_progress,

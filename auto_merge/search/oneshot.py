@@ -53,19 +53,26 @@ def run_oneshot(config, *, overwrite: bool = False, run_name: str | None = None,
                 write_model: bool = True) -> OneShotResult:
     """Merge, save and score the one-shot merge of a validated config (models resolved; see the module docstring)."""
     from auto_merge.search.run_folder import claim_run
-    from auto_merge.strategies.oneshot import OneShotError, OneShotMerge
 
     started = time.perf_counter()
     say = _Progress(show_progress)
+    merge, plan = plan_oneshot(config)
+    check_evaluation(config)  # device, tasks, metrics, documents
+    with claim_run(config, merge, overwrite=overwrite, run_name=run_name) as run:
+        return _oneshot_in(run.path, run.resumed, config, merge, plan, started, say, write_model=write_model)
+
+
+def plan_oneshot(config):
+    """(the one-shot merge, its compiled plan) of a validated config; a block that cannot become one recipe is a
+    ConfigError naming its key."""
+    from auto_merge.strategies.oneshot import OneShotError, OneShotMerge
+
     try:
         merge = OneShotMerge.from_block(config.strategy, config.selected)
     except OneShotError as error:
         raise config_error(config, ("strategies", config.strategy) + error.key_path, error.message,
-                            error.allowed) from None
-    plan = compile_merge(config, merge)
-    check_evaluation(config)  # device, tasks, metrics, documents
-    with claim_run(config, merge, overwrite=overwrite, run_name=run_name) as run:
-        return _oneshot_in(run.path, run.resumed, config, merge, plan, started, say, write_model=write_model)
+                           error.allowed) from None
+    return merge, compile_merge(config, merge)
 
 
 def _oneshot_in(run_dir: Path, resumed: bool, config, merge, plan, started: float, say, *, write_model: bool):

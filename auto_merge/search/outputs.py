@@ -25,7 +25,7 @@ from smac.callback import Callback
 
 from auto_merge.search.baselines import comparison_lines, compute_spent, score_baselines
 from auto_merge.search.progress import ProgressLine, best_so_far
-from auto_merge.search.report import REFRESH_SECONDS, REPORT_FILE, write_report
+from auto_merge.search.report import REFRESH_SECONDS, REPORT_FILE, final_rows, write_report
 from auto_merge.search.results import SearchError, SearchResult
 from auto_merge.search.trial import RECIPE_KEY, SCORES_KEY, source_alone
 
@@ -343,20 +343,6 @@ def score_table(rows: list[tuple[str, dict]]) -> list[str]:
         lines.append(label.ljust(width) + "".join(f"{entry['scores'][t]:12.3f}" for t in tasks)
                      + f"{entry['mean_score']:10.3f}")
     return lines
-
-
-def final_rows(final: dict) -> list[tuple[str, dict]]:
-    """(label, entry) of every full-budget score: base, experts, baselines, then the winner(s) (last)."""
-    rows = [("base", final["base"])] if final["base"] else []
-    rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
-    baselines = final.get("baselines") or {}
-    if "uniform_task_arithmetic" in baselines:
-        ta = baselines["uniform_task_arithmetic"]
-        rows.append((f"uniform TA λ={ta['lambda']}", ta))
-    if "ties" in baselines:
-        rows.append((f"TIES d={baselines['ties']['density']} λ={baselines['ties']['lambda']}", baselines["ties"]))
-    rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
-    return rows
 
 
 def final_table(final: dict) -> list[str]:

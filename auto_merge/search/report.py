@@ -77,9 +77,22 @@ def render_report(run_dir: Path, records: list[dict], final: dict | None) -> str
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def _scores_table(final: dict) -> str:
-    from auto_merge.search.outputs import final_rows
+def final_rows(final: dict) -> list[tuple[str, dict]]:
+    """(label, entry) of every full-budget score: base, experts, baselines, then the winner(s) (last)."""
+    rows = [("base", final["base"])] if final["base"] else []
+    rows += [(f"expert {m}", s) for m, s in final["experts"].items()]
+    baselines = final.get("baselines") or {}
+    if "uniform_task_arithmetic" in baselines:
+        ta = baselines["uniform_task_arithmetic"]
+        rows.append((f"uniform TA λ={ta['lambda']}", ta))
+    if "ties" in baselines:
+        rows.append((f"TIES d={baselines['ties']['density']} λ={baselines['ties']['lambda']}", baselines["ties"]))
+    rows += [(f"winner {i}" if len(final["winners"]) > 1 else "winner", w) for i, w in enumerate(final["winners"])]
+    return rows
 
+
+
+def _scores_table(final: dict) -> str:
     rows = final_rows(final)
     winners = len(final["winners"])
     tasks = list(rows[-1][1]["scores"])

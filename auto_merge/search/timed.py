@@ -7,7 +7,7 @@ against the limit); the parent waits at most the limit for the answer, and on a 
 new one for the next trial. The child is a plain subprocess talking pickles over two pipes (not multiprocessing: dask
 worker processes are daemonic and may not have multiprocessing children).
 
-Run as ``python -m auto_merge.search.timed READ_FD WRITE_FD`` by :class:`TimedTrials` only.
+The child runs ``python -m auto_merge.search.timed_child READ_FD WRITE_FD``, started by :class:`TimedTrials` only.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import select
 import subprocess
 import sys
 import time
-import traceback
 
 
 class TrialTimeout(RuntimeError):
@@ -42,7 +41,7 @@ class TimedTrials:
         command_read, command_write = os.pipe()
         result_read, result_write = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "auto_merge.search.timed", str(command_read), str(result_write)],
+            [sys.executable, "-m", "auto_merge.search.timed_child", str(command_read), str(result_write)],
             pass_fds=(command_read, result_write), stdin=subprocess.DEVNULL)
         os.close(command_read)
         os.close(result_write)
@@ -122,35 +121,3 @@ def timed_trials_for(spec, limit: float) -> TimedTrials:
 def close_all() -> None:
     for key in list(_TIMED):
         _TIMED.pop(key).close()
-
-
-def _child(command_fd: int, result_fd: int) -> None:
-    from auto_merge.search.trial import runner_for
-
-    commands = os.fdopen(command_fd, "rb")
-    results = os.fdopen(result_fd, "wb")
-
-    def answer(message) -> None:
-        pickle.dump(message, results)
-        results.flush()
-
-    spec = pickle.load(commands)
-    try:
-        runner = runner_for(spec)
-    except Exception as error:  # reported to the parent, which fails the trial with it
-        answer(("error", f"{type(error).__name__}: {error}"))
-        return
-    answer(("ready", None))
-    while True:
-        try:
-            _, values, budget = pickle.load(commands)
-        except EOFError:  # the parent closed the pipe: the run is over
-            return
-        try:
-            answer(("ok", runner.run(values, budget)))
-        except Exception as error:  # one trial's failure, reported with its reason; the child stays up
-            answer(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=8)}"))
-
-
-if __name__ == "__main__":
-    _child(int(sys.argv[1]), int(sys.argv[2]))

@@ -77,7 +77,7 @@ class TrialRunner:
         catalog = ModelCatalog(allow_pickle=spec.allow_pickle)
         for ref, path in spec.model_paths.items():
             catalog.add(SourceModel.from_folder(ref, path, allow_pickle=spec.allow_pickle))
-        self.merger = LiveMerger(self.model, catalog, device=device)
+        self.merger = LiveMerger(self.model, catalog, device=device, models=list(spec.model_paths))
         self._strata: dict | None = None
         self.evaluator = BudgetedEvaluator(
             spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from auto_merge.strategies.lfs import StrategyError
+from auto_merge.strategies.registry import StrategyError
 
 # The tensor of each decoder layer that a layer's output scale multiplies: the MLP's output projection, so that the
 # scale acts on the MLP branch only (h' = h + Attn(h) + s * MLP(...)), the semantics of the reference's search path.

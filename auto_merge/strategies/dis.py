@@ -26,7 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from auto_merge.config.blocks import MODEL_REFERENCE, Issue, SearchSettings, check_model_list, raise_issues
 from auto_merge.strategies.depth import (
     DEFAULT_SCALE_FILTER,
     DEFAULT_SCALE_RANGE,
@@ -36,7 +40,7 @@ from auto_merge.strategies.depth import (
     from_fields,
     passthrough_slice,
 )
-from auto_merge.strategies.lfs import StrategyError
+from auto_merge.strategies.registry import Strategy, StrategyError, base_model_depth, register_strategy
 
 # A categorical over more orderings than this is useless to the surrogate (and slow to build).
 MAX_ORDERINGS = 5040
@@ -65,7 +69,7 @@ def count_orderings(models: int, repeat: int) -> int:
 
 
 @dataclass(frozen=True)
-class DISStrategy:
+class DISStrategy(Strategy):
     base_model: str
     models: tuple[str, ...]
     num_layers: int
@@ -244,6 +248,11 @@ class DISStrategy:
     def describe(self) -> dict:
         return describe_fields(self)
 
+    def plot_winner(self, folder, recipe: dict):
+        from auto_merge.strategies.plots import layer_plot
+
+        return layer_plot(folder / "winner_layers.png", recipe, self)
+
     @classmethod
     def from_description(cls, data: Mapping) -> "DISStrategy":
         return from_fields(cls, data)
@@ -255,3 +264,72 @@ class DISStrategy:
                              f"{self.n_positions} positions")
         return {key: (str(value) if not self.float_block_selection and key.endswith("_selection") else value)
                 for key, value in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+class DisBlock(SearchSettings):
+    """Depth-wise integration search (`dis`): per layer position, which experts' layers to stack, in which order."""
+
+    min_budget: float = Field(100, gt=0, description="Smallest fidelity: evaluation examples per (sub)task")
+    n_workers: int = Field(1, ge=1, description="Parallel workers (one accelerator each)")
+    base_model: str = Field(min_length=1, description=f"Fallback layers (remain_base): {MODEL_REFERENCE}")
+    models: list[str] = Field(min_length=1, description="Expert model references; list index = block id")
+    repeat: int = Field(1, ge=1, description="Copies of each expert's block per position (an expert's layer may "
+                                            "appear that many times at one position)")
+    remain_base: bool = Field(True, description="Use the base layer where a position selects no block")
+    layer_granularity: int = Field(1, ge=1, description="Layers per position (must divide num_hidden_layers - "
+                                                        "2 x fix_layers)")
+    num_hidden_layers: int = Field(ge=1, description="Depth of the base and expert models")
+    fix_layers: int = Field(0, ge=0, description="Layers kept fixed at each end")
+    layers: int = Field(50, ge=1, description="Maximum output depth; deeper configurations are not evaluated")
+    merging_method: Literal["passthrough"] = Field("passthrough", description="Always passthrough")
+    float_block_selection: bool = Field(False, description="Search float block selectors instead of 0/1")
+    block_selection_threshold: float = Field(
+        0.5, ge=0, le=1, description="With float selectors, a block is selected when its value > threshold")
+    scale_filter: str = Field(
+        "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that a "
+        "position's output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
+
+    _check_models = field_validator("models")(classmethod(check_model_list))
+
+    @model_validator(mode="after")
+    def _check_dis(self) -> "DisBlock":
+        issues = []
+        searched = self.num_hidden_layers - 2 * self.fix_layers
+        orderings = count_orderings(len(self.models), self.repeat)
+        if orderings > MAX_ORDERINGS:
+            issues.append(Issue(("repeat",), f"{len(self.models)} models x repeat {self.repeat} give {orderings} "
+                                f"block orderings per position", f"at most {MAX_ORDERINGS} (a smaller repeat)"))
+        if 2 * self.fix_layers >= self.num_hidden_layers:
+            issues.append(Issue(("fix_layers",), f"{self.fix_layers} fixed layers at each end leave no layer to "
+                                f"search in {self.num_hidden_layers}",
+                                f"0 <= fix_layers < {(self.num_hidden_layers + 1) // 2}"))
+        elif searched % self.layer_granularity:
+            divisors = [d for d in range(1, searched + 1) if searched % d == 0]
+            issues.append(Issue(("layer_granularity",), f"{self.layer_granularity} does not divide the "
+                                f"{searched} searched layers (num_hidden_layers - 2 x fix_layers)",
+                                f"one of {divisors}"))
+        elif self.remain_base and self.layers < self.num_hidden_layers:
+            issues.append(Issue(("layers",), f"with remain_base every configuration has at least "
+                                f"{self.num_hidden_layers} layers, more than layers: {self.layers}",
+                                f"layers >= num_hidden_layers ({self.num_hidden_layers})"))
+        raise_issues(issues)
+        return self
+
+
+def build_dis(config, block: DisBlock) -> DISStrategy:
+    return DISStrategy(
+        base_model=block.base_model, models=tuple(block.models), num_layers=base_model_depth(config, block),
+        max_layers=block.layers, layer_granularity=block.layer_granularity, repeat=block.repeat,
+        remain_base=block.remain_base, fix_layers=block.fix_layers, float_block_selection=block.float_block_selection,
+        block_selection_threshold=block.block_selection_threshold, scale_filter=block.scale_filter)
+
+
+def _check_dis_models(checker, block: DisBlock) -> None:
+    checker.check_fixed_depth(block)
+
+
+register_strategy("dis", block=DisBlock, build=build_dis, from_description=DISStrategy.from_description,
+                  check_models=_check_dis_models)

@@ -10,8 +10,9 @@ tensor no filter matches, including embeddings, the final norm and the head) and
 - ``g{g}:slerp:pair``: which two experts a slerp group interpolates (slerp is defined for two models; with more
   experts the pair is searched, t spans the whole [0, 1] from the first expert of the pair to the second).
 
-What is searched per method (ranges come from the config's `merging_method`, under the reference's names or the
-registry's; a method listed without a parameter gets the default range below):
+What is searched per method comes from each method's spec (`Searched`, `search_fixed`; auto_merge/merge/methods), so a
+registered plugin method is searchable too. Ranges come from the config's `merging_method`, under the spec's names or
+aliases; a method listed without a parameter gets the spec's default range. For the built-ins:
 
 | method | searched | fixed |
 |---|---|---|
@@ -33,71 +34,61 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from auto_merge.errors import AutoMergeError
+from pydantic import Field, field_validator, model_validator
 
-REST = "rest"  # the parameter family of every tensor no filter matches (the reference called it `base`)
+from auto_merge.config.blocks import (
+    MODEL_REFERENCE,
+    Issue,
+    MethodRanges,
+    SearchSettings,
+    check_method_ranges,
+    check_model_list,
+    check_source_count,
+    lfs_methods,
+    raise_issues,
+)
+from auto_merge.merge.methods import get_method
+from auto_merge.strategies.families import REST
+from auto_merge.strategies.registry import Strategy, StrategyError, base_model_depth, register_strategy
+
 DEFAULT_METHODS = ("linear", "task_arithmetic", "ties", "slerp", "dare_ties", "della", "fourier")
 
 
 @dataclass(frozen=True)
 class SearchedParam:
-    """One searched parameter of a method: the registry name, whether it is per expert, and where its range is read."""
+    """One searched parameter of a method: the registry name, whether it is per expert, where its range is read, and
+    the interval a sampled value is clipped into."""
 
     name: str
     per_model: bool
     config_keys: tuple[str, ...]  # keys under merging_method.METHOD that give its range, first found wins
     default_range: tuple[float, float]
     complement: bool = False  # the config range is of 1 - value (the reference's mask rate for density)
+    clip: tuple[float, float] | None = None
 
 
-_GTA = (
-    SearchedParam("density", False, ("density",), (0.1, 1.0)),
-    SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 2.0)),
-)
-SEARCHED: dict[str, tuple[SearchedParam, ...]] = {
-    "linear": (SearchedParam("weight", True, ("weight", "weights"), (0.0, 1.0)),),
-    "task_arithmetic": (SearchedParam("weight", True, ("weight", "scaling_coefficient", "lambda"), (0.0, 1.5)),),
-    "ties": (
-        SearchedParam("density", False, ("density",), (0.1, 1.0)),
-        SearchedParam("density", False, ("param_value_mask_rate",), (0.0, 0.9), complement=True),
-        SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 2.0)),
-    ),
-    "dare_ties": _GTA,
-    "dare_linear": _GTA,
-    "breadcrumbs": _GTA,
-    "breadcrumbs_ties": _GTA,
-    "della": (
-        SearchedParam("density", False, ("density",), (0.2, 0.8)),
-        SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 2.0)),
-    ),
-    "della_linear": (
-        SearchedParam("density", False, ("density",), (0.2, 0.8)),
-        SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 2.0)),
-    ),
-    "slerp": (SearchedParam("t", False, ("t", "slerp_t"), (0.0, 1.0)),),
-    "fourier": (SearchedParam("lambda", False, ("lambda", "scaling_coefficient"), (0.0, 1.5)),),
-    "multislerp": (SearchedParam("weight", True, ("weight",), (0.0, 1.0)),),
-    "sce": (SearchedParam("select_topk", False, ("select_topk",), (0.1, 1.0)),),
-    "model_stock": (),
-    "karcher": (),
-    "ram": (SearchedParam("epsilon", False, ("epsilon",), (0.0, 0.01)),),
-    "ramplus_tl": (SearchedParam("r", False, ("r",), (0.0, 1.0)), SearchedParam("alpha", False, ("alpha",), (0.0, 1.0))),
-    # one expert merged into the base: LFS blocks with a single expert (config validation says so otherwise)
-    "nearswap": (SearchedParam("t", False, ("t",), (0.0, 0.01)),),
-    "arcee_fusion": (),
-}
-# Methods whose experts all get weight 1 (their strength is lambda, and density trims).
-UNIT_WEIGHT_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                       "fourier"}
-DELLA_EPSILON = 0.15
-
-
-class StrategyError(AutoMergeError, ValueError):
-    pass
+def searched_params_of(method: str) -> tuple[SearchedParam, ...]:
+    """What LFS searches for `method`, from its spec: each searched parameter under its own name, the other keys whose
+    range it takes and its non-complement aliases, then one entry per complement alias (a range of 1 - value)."""
+    out: list[SearchedParam] = []
+    for param in get_method(method).params:
+        if param.searched is None:
+            continue
+        searched = param.searched
+        plain = [alias.name for alias in param.aliases if not alias.complement]
+        keys = (param.name, *searched.range_keys, *plain)
+        out.append(SearchedParam(param.name, searched.per_expert, tuple(dict.fromkeys(keys)), searched.default,
+                                 clip=searched.clip))
+        for alias in param.aliases:
+            if alias.complement:
+                low, high = searched.default
+                out.append(SearchedParam(param.name, searched.per_expert, (alias.name,), (1.0 - high, 1.0 - low),
+                                         complement=True, clip=searched.clip))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
-class LFSStrategy:
+class LFSStrategy(Strategy):
     base_model: str
     models: tuple[str, ...]
     num_layers: int
@@ -113,11 +104,13 @@ class LFSStrategy:
                 f"layer_granularity {self.layer_granularity} does not divide the depth {self.num_layers}")
         if len(self.models) < 1:
             raise StrategyError("LFS needs at least one expert model")
-        unknown = [m for m in self.methods if m not in SEARCHED]
+        allowed = lfs_methods()
+        unknown = [m for m in self.methods if m not in allowed]
         if unknown:
-            raise StrategyError(f"LFS cannot search method(s) {unknown}; allowed: {', '.join(SEARCHED)}")
-        if "slerp" in self.methods and len(self.models) < 2:
-            raise StrategyError("slerp needs at least two experts")
+            raise StrategyError(f"LFS cannot search method(s) {unknown}; allowed: {', '.join(allowed)}")
+        pairwise = [m for m in self.methods if get_method(m).first_source_is_base]
+        if pairwise and len(self.models) < 2:
+            raise StrategyError(f"{', '.join(pairwise)} needs at least two experts (it interpolates a pair of them)")
 
     # ------------------------------------------------------------------------------------------------ the space
 
@@ -141,7 +134,7 @@ class LFSStrategy:
         """The parameters searched for `method`, each with its range (a configured one wins over the default)."""
         configured = self.method_ranges.get(method, {})
         chosen: dict[str, tuple[SearchedParam, tuple[float, float]]] = {}
-        for param in SEARCHED[method]:
+        for param in searched_params_of(method):
             key = next((k for k in param.config_keys if k in configured), None)
             if key is not None:
                 low, high = float(configured[key]["min"]), float(configured[key]["max"])
@@ -167,8 +160,8 @@ class LFSStrategy:
                         names = ([f"g{g}:{family}:{method}:{param.name}:m{i}" for i in range(len(self.models))]
                                  if param.per_model else [f"g{g}:{family}:{method}:{param.name}"])
                         children.extend(_float_or_constant(name, low, high, param.name) for name in names)
-                if method == "slerp":
-                    children.append(Categorical(f"g{g}:slerp:pair", self.slerp_pairs))
+                if get_method(method).first_source_is_base:
+                    children.append(Categorical(f"g{g}:{method}:pair", self.slerp_pairs))
                 space.add(children)
                 conditions.extend(EqualsCondition(child, selector, method) for child in children)
         space.add(conditions)
@@ -238,35 +231,38 @@ class LFSStrategy:
         return entries
 
     def _decode_group(self, values: Mapping, g: int, method: str, layer_range: list[int]) -> dict:
+        spec = get_method(method)
         searched = {param.name: param for param, _ in self.searched_params(method)}
-        if method == "slerp":
-            first, second = (int(i) for i in values[f"g{g}:slerp:pair"].split("-"))
+        if spec.first_source_is_base:  # slerp: from the pair's first expert (t = 0) to its second
+            first, second = (int(i) for i in values[f"g{g}:{method}:pair"].split("-"))
             return {
-                "merge_method": "slerp",
+                "merge_method": method,
                 "base_model": self.models[first],
                 "sources": [{"model": self.models[second], "layer_range": list(layer_range)}],
-                "parameters": {"t": self._entries(values, g, "slerp", "t")},
+                "parameters": {name: self._entries(values, g, method, name) for name in searched},
             }
         sources = []
         slice_parameters: dict[str, list[dict]] = {}
+        shared_per_expert: dict[str, list[dict]] = {}  # per-expert in the registry, one shared value in the search
         for name, param in searched.items():
             if not param.per_model:
-                transform = (lambda v: _clip_della_density(v)) if (
-                    method.startswith("della") and name == "density") else (lambda v: v)
-                slice_parameters[name] = self._entries(values, g, method, name, transform=transform)
+                transform = (lambda v, clip=param.clip: min(max(v, clip[0]), clip[1])) if param.clip else None
+                entries = self._entries(values, g, method, name, transform=transform or (lambda v: v))
+                if spec.param(name).scope == "per_model":
+                    shared_per_expert[name] = entries
+                else:
+                    slice_parameters[name] = entries
+        fixed = spec.search_fixed
         for i, model in enumerate(self.models):
             parameters: dict[str, object] = {}
             for name, param in searched.items():
                 if param.per_model:
                     parameters[name] = self._entries(values, g, method, name, model=i)
-            if method in UNIT_WEIGHT_METHODS:
-                parameters["weight"] = 1.0
-            if "density" in slice_parameters:  # density is per expert in the registry; the search shares it
-                parameters["density"] = slice_parameters["density"]
+            parameters.update({name: value for name, value in fixed.items()
+                               if spec.param(name).scope == "per_model"})
+            parameters.update(shared_per_expert)
             sources.append({"model": model, "layer_range": list(layer_range), "parameters": parameters})
-        slice_parameters.pop("density", None)
-        if method == "task_arithmetic":
-            slice_parameters["lambda"] = 1.0
+        slice_parameters.update({name: value for name, value in fixed.items() if spec.param(name).scope == "global"})
         result = {"merge_method": method, "sources": sources}
         if slice_parameters:
             result["parameters"] = slice_parameters
@@ -297,9 +293,14 @@ class LFSStrategy:
                 f"reference kept n - floor(r * n) + 1 (1 or 2 more entries per tensor); --as-reference does not "
                 f"change this"]
 
+    def plot_winner(self, folder, recipe: dict):
+        from auto_merge.strategies.plots import recipe_plot
+
+        return recipe_plot(folder / "winner_groups.png", recipe, self)
+
     def import_reference(self, flat: Mapping) -> dict:
-        """A reference LFS configuration (flat SMAC JSON) as values of this space (see reference_import)."""
-        from auto_merge.strategies.reference_import import import_reference_lfs
+        """A reference LFS configuration (flat SMAC JSON) as values of this space (auto_merge/formats/reference_lfs)."""
+        from auto_merge.formats.reference_lfs import import_reference_lfs
 
         return import_reference_lfs(flat, self)
 
@@ -328,7 +329,70 @@ def _float_or_constant(name: str, low: float, high: float, param: str):
     return Float(name, (low, high), default=default)
 
 
-def _clip_della_density(density: float) -> float:
-    """DELLA keeps entries with probability density ± epsilon, which must stay inside (0, 1)."""
-    margin = DELLA_EPSILON + 1e-3
-    return min(max(density, margin), 1.0 - margin)
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+class LfsBlock(SearchSettings):
+    """Layer-wise fusion search (`lfs`, and `lfs_multiobj` with one objective per task)."""
+
+    base_model: str = Field(min_length=1, description=f"Base of the task vectors: {MODEL_REFERENCE}")
+    models: list[str] = Field(min_length=1, description="Expert model references; order matters")
+    merging_method: MethodRanges = Field(
+        description="Searched methods and parameter ranges: {method: {param: {min, max}}}")
+    layer_granularity: int = Field(ge=1, description="Layers per group (must divide the base model's depth)")
+    filters: list[str] = Field(
+        default_factory=list, description="Tensor-name substrings; each is a parameter set searched separately, "
+                                          "plus 'base' for every other tensor")
+
+    # Field validators (not one model validator) so that each field's problems are reported even when another
+    # field of the block is wrong too.
+    _check_models = field_validator("models")(classmethod(check_model_list))
+
+    @field_validator("merging_method")
+    @classmethod
+    def _check_ranges(cls, ranges: MethodRanges) -> MethodRanges:
+        raise_issues(check_method_ranges(ranges, lfs_methods()))
+        return ranges
+
+    @model_validator(mode="after")
+    def _check_expert_counts(self):
+        """Each method must accept every expert at once (slerp picks a searched pair)."""
+        issues = []
+        for method in self.merging_method:
+            if method in lfs_methods() and not get_method(method).first_source_is_base:
+                issues += check_source_count(method, len(self.models), ("merging_method", method), "expert")
+        raise_issues(issues)
+        return self
+
+    @field_validator("filters")
+    @classmethod
+    def _check_filters(cls, filters: list[str]) -> list[str]:
+        issues = []
+        for index, name in enumerate(filters):
+            if not name:
+                issues.append(Issue((index,), "empty filter", "a tensor-name substring"))
+            elif name == "base":
+                issues.append(Issue((index,), "'base' is the name of the fallback parameter set",
+                                    "a tensor-name substring other than 'base'"))
+            elif filters.index(name) != index:
+                issues.append(Issue((index,), f"filter {name!r} is listed twice", "each filter once"))
+        raise_issues(issues)
+        return filters
+
+
+def build_lfs(config, block: LfsBlock) -> LFSStrategy:
+    ranges = {method: {param: {"min": r.min, "max": r.max} for param, r in (params or {}).items()}
+              for method, params in block.merging_method.items()}
+    return LFSStrategy(base_model=block.base_model, models=tuple(block.models), num_layers=base_model_depth(config, block),
+                       layer_granularity=block.layer_granularity, filters=tuple(block.filters),
+                       method_ranges=ranges, name=config.strategy)
+
+
+def _check_lfs_models(checker, block: LfsBlock) -> None:
+    checker.check_lfs(block)
+
+
+register_strategy("lfs", block=LfsBlock, build=build_lfs, from_description=LFSStrategy.from_description,
+                  check_models=_check_lfs_models)
+register_strategy("lfs_multiobj", block=LfsBlock, build=build_lfs, from_description=LFSStrategy.from_description,
+                  check_models=_check_lfs_models, multi_objective=True)

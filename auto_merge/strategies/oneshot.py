@@ -1,7 +1,7 @@
 """One-shot strategies `normal_models` and `normal_slices`: a merge written out in the config, made once (no search).
 
-This module only translates: a validated config block (`NormalModelsBlock` or `NormalSlicesBlock` from
-`auto_merge.config.schema`) in, a merge recipe (plain data in the engine's schema, `auto_merge.merge.recipe`) out. It
+This module declares their config blocks (`NormalModelsBlock`, `NormalSlicesBlock`) and translates: a validated
+block in, a merge recipe (plain data in the engine's schema, `auto_merge.merge.recipe`) out. It
 knows model references, never how tensors are loaded; `auto_merge.search.oneshot` runs the recipe.
 
 The blocks use the reference implementation's spelling (docs/reference_format.md); the recipe uses
@@ -10,8 +10,9 @@ the engine's:
 - `normal_models` → a `models:` recipe (every layer of every model) with `merge_method` and recipe-wide parameters;
   `normal_slices` → a `slices:` recipe, each slice with its own `merge_method`, stacked in order (output depth =
   sum of the slice lengths).
-- Parameter names: `weights` → `weight`, `scaling_coefficient` → `lambda`, `slerp_t` → `t`, and the TIES trim rate
-  `param_value_mask_rate` r → `density` 1 - r. Filters (`[{filter, value}]`) are kept as they are.
+- Parameter names: each method's aliases in its spec (`weights` → `weight`, `scaling_coefficient` → `lambda`,
+  `slerp_t` → `t`, and the TIES trim rate `param_value_mask_rate` r → `density` 1 - r). Filters (`[{filter, value}]`)
+  are kept as they are.
 - Per-model `parameters` (on a `models` entry or a slice source) stay with that model (the reference dropped them).
   A per-model parameter given at method level as a list holds one value per model, in order: each model gets its
   own (a model's own `parameters` win). Scalars at method level apply to every model.
@@ -31,19 +32,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from auto_merge.config.schema import METHOD_PARAMETER_NAMES, METHOD_PARAMETERS
+from pydantic import Field, field_validator, model_validator
+
+from auto_merge.config.blocks import (
+    MODEL_REFERENCE,
+    Issue,
+    MethodValues,
+    ParamValues,
+    StrictModel,
+    check_list_lengths,
+    check_method_values,
+    check_param_values,
+    check_source_count,
+    expand_scalar_shorthand,
+    normalise_method_values,
+    raise_issues,
+)
 from auto_merge.errors import AutoMergeError
+from auto_merge.merge.methods import Alias, get_method
+from auto_merge.strategies.registry import register_strategy
 
 ONESHOT_STRATEGIES: tuple[str, ...] = ("normal_models", "normal_slices")
-# The reference's parameter names → the engine registry's.
-RENAMES: dict[str, str] = {
-    "weights": "weight",
-    "scaling_coefficient": "lambda",
-    "slerp_t": "t",
-    "param_value_mask_rate": "density",
-}
-COMPLEMENTED = frozenset({"param_value_mask_rate"})  # value r means density 1 - r
-WEIGHTED_METHODS = frozenset(method for method, names in METHOD_PARAMETER_NAMES.items() if "weight" in names)
 DEFAULT_WEIGHT = 1.0
 
 KeyPath = tuple[str | int, ...]
@@ -109,13 +118,6 @@ def normal_slices_recipe(block) -> dict:
     return {"base_model": block.base_model, "slices": slices}
 
 
-def recipe_depth(block, base_depth: int) -> int:
-    """Output layers: the base's depth for normal_models, the sum of the slice lengths for normal_slices."""
-    if hasattr(block, "slices"):
-        return sum(piece.sources[0].layer_range[1] - piece.sources[0].layer_range[0] for piece in block.slices)
-    return base_depth
-
-
 def input_models(block) -> list[str]:
     """Every model a block names, base first, each once, in order of first mention."""
     refs = [block.base_model]
@@ -166,7 +168,7 @@ def _source(model: str, layer_range: Sequence[int] | None, params: dict) -> dict
     return data
 
 
-def _entries(entries, *, complement: bool = False, pick: int | None = None) -> Any:
+def _entries(entries, *, alias: Alias | None = None, pick: int | None = None) -> Any:
     """Schema ParamEntry list → recipe data: a lone unfiltered value as itself, else [{filter?, value}].
     `pick`: the value of one model out of a per-model list (scalars apply to every model)."""
     out = []
@@ -174,23 +176,28 @@ def _entries(entries, *, complement: bool = False, pick: int | None = None) -> A
         value = entry.value
         if isinstance(value, list):
             value = value[pick] if pick is not None else list(value)
-        if complement:
-            value = 1.0 - value
+        if alias is not None:
+            value = alias.to_canonical(value)
         out.append({"value": value} if entry.filter is None else {"filter": entry.filter, "value": value})
     if len(out) == 1 and "filter" not in out[0]:
         return out[0]["value"]
     return out
 
 
-def _renamed(params: Mapping[str, Sequence], where: KeyPath) -> dict[str, tuple[str, Sequence]]:
-    """Engine name → (the name written in the config, its entries); two spellings of one parameter are an error."""
-    found: dict[str, tuple[str, Sequence]] = {}
+def _renamed(method: str, params: Mapping[str, Sequence], where: KeyPath) -> dict[str, tuple[str, Alias | None,
+                                                                                             bool, Sequence]]:
+    """Engine name → (the name written in the config, the alias it is, whether it is per model, its entries); two
+    spellings of one parameter are an error. Names the spec does not know (mergekit's `rescale`, `int8_mask`) pass
+    through for the recipe to handle."""
+    spellings = get_method(method).spellings()
+    found: dict[str, tuple[str, Alias | None, bool, Sequence]] = {}
     for name, entries in params.items():
-        target = RENAMES.get(name, name)
+        param, alias = spellings.get(name, (None, None))
+        target = param.name if param is not None else name
         if target in found:
             raise OneShotError(where + (name,), f"{found[target][0]!r} and {name!r} both set {target}",
                                f"one of {found[target][0]}, {name}")
-        found[target] = (name, entries)
+        found[target] = (name, alias, param is not None and param.scope == "per_model", entries)
     return found
 
 
@@ -199,16 +206,168 @@ def _translate(method: str, method_params: Mapping[str, Sequence], model_params:
     """(per-model parameters, shared parameters) in engine names for one method block and its models."""
     per_model: list[dict] = []
     for params, where in zip(model_params, model_wheres):
-        own = _renamed(params, where)
-        per_model.append({target: _entries(entries) for target, (_, entries) in own.items()})
+        own = _renamed(method, params, where)
+        per_model.append({target: _entries(entries, alias=alias) for target, (_, alias, _, entries) in own.items()})
     shared: dict[str, Any] = {}
-    for target, (name, entries) in _renamed(method_params, method_where).items():
-        per_model_values = METHOD_PARAMETERS[name].per_model and any(isinstance(e.value, list) for e in entries)
-        if per_model_values:  # one value per model, in order: each model gets its own
+    for target, (_, alias, is_per_model, entries) in _renamed(method, method_params, method_where).items():
+        if is_per_model and any(isinstance(e.value, list) for e in entries):
+            # one value per model, in order: each model gets its own
             for index, params in enumerate(per_model):
-                params.setdefault(target, _entries(entries, pick=index))
+                params.setdefault(target, _entries(entries, alias=alias, pick=index))
         else:
-            shared[target] = _entries(entries, complement=name in COMPLEMENTED)
-    if method in WEIGHTED_METHODS and "weight" not in shared and not all("weight" in p for p in per_model):
+            shared[target] = _entries(entries, alias=alias)
+    weighted = get_method(method).has_param("weight")
+    if weighted and "weight" not in shared and not all("weight" in p for p in per_model):
         shared["weight"] = DEFAULT_WEIGHT
     return per_model, shared
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+def _per_source_issues(merging_method: MethodValues, parameter_sets: list[ParamValues], key: str) -> list[Issue]:
+    """Each source's own parameters checked against the (one, valid) method: per-model ones only."""
+    method = next(iter(merging_method))
+    return [issue for index, parameters in enumerate(parameter_sets)
+            for issue in check_param_values(method, parameters, (key, index, "parameters"), per_model_only=True)]
+
+
+def _count_issues(merging_method: MethodValues, count: int, key: str, noun: str) -> list[Issue]:
+    """The method takes this many sources, and its per-source value lists have one value each."""
+    method = next(iter(merging_method))
+    return check_source_count(method, count, (key,), noun) + check_list_lengths(merging_method, count,
+                                                                                ("merging_method",))
+
+
+class ModelEntry(StrictModel):
+    """One input model of a normal_models merge."""
+
+    model: str = Field(min_length=1, description=MODEL_REFERENCE)
+    parameters: ParamValues = Field(
+        default_factory=dict, description="Per-model parameters (weight, density, ...): {param: value or "
+                                          "[{filter?, value}]}")
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _expand_parameters(cls, value: Any) -> Any:
+        return expand_scalar_shorthand(value)
+
+
+class NormalModelsBlock(StrictModel):
+    """One merge of whole models (`normal_models`), evaluated once."""
+
+    base_model: str = Field(min_length=1, description=f"Base of the task vectors: {MODEL_REFERENCE}")
+    models: list[ModelEntry] = Field(min_length=1, description="Input models: a list of {model, parameters?}")
+    merging_method: MethodValues = Field(
+        description="Exactly one method: {method: {param: value or [{filter?, value}]}}")
+
+    @field_validator("merging_method", mode="before")
+    @classmethod
+    def _expand_merging_method(cls, value: Any) -> Any:
+        return normalise_method_values(value)
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "NormalModelsBlock":
+        issues = check_method_values(self.merging_method)
+        if not issues:
+            issues = _per_source_issues(self.merging_method, [entry.parameters for entry in self.models], "models")
+        raise_issues(issues)
+        return self
+
+    def runnable_issues(self) -> list[Issue]:
+        return _count_issues(self.merging_method, len(self.models), "models", "model")
+
+
+class LayerSpan(StrictModel):
+    """A model and a half-open layer range [a, b)."""
+
+    model: str = Field(min_length=1, description=MODEL_REFERENCE)
+    layer_range: list[int] = Field(min_length=2, max_length=2, description="[a, b): layers a to b-1, 0 <= a < b")
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+    @model_validator(mode="after")
+    def _check_range(self) -> "LayerSpan":
+        start, end = self.layer_range
+        if not 0 <= start < end:
+            raise_issues([Issue(("layer_range",), f"[{start}, {end}) is not a layer range", "[a, b] with 0 <= a < b")])
+        return self
+
+
+class SliceSource(LayerSpan):
+    """One source of a slice."""
+
+    parameters: ParamValues = Field(
+        default_factory=dict, description="Per-model parameters (weight, density, ...) for this source")
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _expand_parameters(cls, value: Any) -> Any:
+        return expand_scalar_shorthand(value)
+
+
+class Slice(StrictModel):
+    """A run of output layers merged from equally long layer ranges of its sources (docs/reference_format.md)."""
+
+    sources: list[SliceSource] = Field(min_length=1, description="Sources with equally long layer ranges")
+    target: LayerSpan | None = Field(None, description="Where the task-vector base layers are read from")
+    merging_method: MethodValues = Field(
+        description="Exactly one method: {method: {param: value or [{filter?, value}]}}")
+
+    @field_validator("merging_method", mode="before")
+    @classmethod
+    def _expand_merging_method(cls, value: Any) -> Any:
+        return normalise_method_values(value)
+
+    @model_validator(mode="after")
+    def _check_slice(self) -> "Slice":
+        issues = []
+        first = self.sources[0]
+        for index, source in enumerate(self.sources[1:], start=1):
+            if source.length != first.length:
+                issues.append(Issue(("sources", index, "layer_range"),
+                                    f"{source.length} layers, but sources[0] has {first.length}",
+                                    f"a range of {first.length} layers, like every source of this slice"))
+        if self.target is not None and self.target.length != first.length:
+            issues.append(Issue(("target", "layer_range"), f"{self.target.length} layers, but the sources have "
+                                f"{first.length}", f"a range of {first.length} layers"))
+        issues += check_method_values(self.merging_method)
+        if not issues:
+            issues = _per_source_issues(self.merging_method, [source.parameters for source in self.sources],
+                                        "sources")
+        raise_issues(issues)
+        return self
+
+    def runnable_issues(self) -> list[Issue]:
+        return _count_issues(self.merging_method, len(self.sources), "sources", "source")
+
+
+class NormalSlicesBlock(StrictModel):
+    """A given list of slices (`normal_slices`), merged and evaluated once."""
+
+    base_model: str = Field(min_length=1, description=f"Base of the task vectors: {MODEL_REFERENCE}")
+    slices: list[Slice] = Field(min_length=1, description="Slices stacked in order (docs/reference_format.md)")
+
+    def runnable_issues(self) -> list[Issue]:
+        return [Issue(("slices", index) + issue.subpath, issue.message, issue.allowed)
+                for index, piece in enumerate(self.slices) for issue in piece.runnable_issues()]
+
+
+def _build_one_shot(config, block) -> OneShotMerge:
+    return OneShotMerge.from_block(config.strategy, block)
+
+
+def _check_normal_models(checker, block: NormalModelsBlock) -> None:
+    checker.check_normal_models(block)
+
+
+def _check_normal_slices(checker, block: NormalSlicesBlock) -> None:
+    checker.check_normal_slices(block)
+
+
+register_strategy("normal_models", block=NormalModelsBlock, build=_build_one_shot, check_models=_check_normal_models,
+                  one_shot=True)
+register_strategy("normal_slices", block=NormalSlicesBlock, build=_build_one_shot, check_models=_check_normal_slices,
+                  one_shot=True)

@@ -21,6 +21,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pydantic import Field, field_validator, model_validator
+
+from auto_merge.config.blocks import (
+    MODEL_REFERENCE,
+    Issue,
+    MethodRanges,
+    SearchSettings,
+    check_method_ranges,
+    check_model_list,
+    merge_methods,
+    raise_issues,
+)
 from auto_merge.strategies.depth import (
     DEFAULT_SCALE_FILTER,
     DEFAULT_SCALE_RANGE,
@@ -30,7 +42,7 @@ from auto_merge.strategies.depth import (
     passthrough_slice,
     scale_parameters,
 )
-from auto_merge.strategies.lfs import StrategyError
+from auto_merge.strategies.registry import Strategy, StrategyError, base_model_depth, register_strategy
 
 DEFAULT_LAMBDA_RANGE = (0.0, 1.0)
 DESIGN_LAMBDAS = (0.5, 1.0)
@@ -53,7 +65,7 @@ def removal_heuristics(num_layers: int, removals: int) -> dict[str, list[int]]:
 
 
 @dataclass(frozen=True)
-class PruneStrategy:
+class PruneStrategy(Strategy):
     base_model: str
     models: tuple[str, ...]
     num_layers: int
@@ -197,6 +209,11 @@ class PruneStrategy:
     def describe(self) -> dict:
         return describe_fields(self)
 
+    def plot_winner(self, folder, recipe: dict):
+        from auto_merge.strategies.plots import layer_plot
+
+        return layer_plot(folder / "winner_layers.png", recipe, self)
+
     @classmethod
     def from_description(cls, data: Mapping) -> "PruneStrategy":
         return from_fields(cls, data)
@@ -236,3 +253,61 @@ def _float(name: str, low: float, high: float, default: float):
     if low == high:
         return Constant(name, low)
     return Float(name, (low, high), default=min(max(default, low), high))
+
+
+# ---------------------------------------------------------------------------------------------------- the config
+
+
+class PruneBlock(SearchSettings):
+    """Layer cutting and stitching search (`prune`): which layers to remove, which experts to merge per layer."""
+
+    n_workers: int = Field(1, ge=1, description="Parallel workers (one accelerator each)")
+    base_model: str = Field(min_length=1, description=f"Base model: {MODEL_REFERENCE}")
+    models: list[str] = Field(min_length=1, description="Expert model references; list index = candidate id")
+    num_hidden_layers: int = Field(ge=1, description="Depth of the base and expert models")
+    layers: int = Field(ge=1, description="Target depth; num_hidden_layers - layers layers are removed")
+    merging_method: MethodRanges = Field(
+        description="Parameter ranges {method: {param: {min, max}}}; task_arithmetic.scaling_coefficient (or "
+                    "lambda) is the searched merge scale; other methods are accepted but unused")
+    multi_objective: bool = Field(
+        False, description="New. true: one objective per task and a Pareto front (ParEGO, as lfs_multiobj); "
+                           "false: the aggregate of the tasks")
+    scale_filter: str = Field(
+        "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that the layer's "
+        "output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
+
+    _check_models = field_validator("models")(classmethod(check_model_list))
+
+    @field_validator("merging_method")
+    @classmethod
+    def _check_ranges(cls, ranges: MethodRanges) -> MethodRanges:
+        issues = check_method_ranges(ranges, merge_methods())
+        scale_params = set(ranges.get("task_arithmetic") or {})
+        if not issues and not scale_params & {"scaling_coefficient", "lambda"}:
+            issues.append(Issue(("task_arithmetic",), "prune needs the range of the task arithmetic merge scale",
+                                "task_arithmetic: {scaling_coefficient: {min, max}}"))
+        raise_issues(issues)
+        return ranges
+
+    @model_validator(mode="after")
+    def _check_prune(self) -> "PruneBlock":
+        if self.layers >= self.num_hidden_layers:
+            raise_issues([Issue(("layers",), f"target depth {self.layers} removes no layer of "
+                                 f"{self.num_hidden_layers}", f"1 <= layers < {self.num_hidden_layers}")])
+        return self
+
+
+def build_prune(config, block: PruneBlock) -> PruneStrategy:
+    scale = block.merging_method["task_arithmetic"]
+    lam = scale.get("scaling_coefficient") or scale["lambda"]
+    return PruneStrategy(base_model=block.base_model, models=tuple(block.models),
+                         num_layers=base_model_depth(config, block), target_layers=block.layers,
+                         lambda_range=(lam.min, lam.max), scale_filter=block.scale_filter)
+
+
+def _check_prune_models(checker, block: PruneBlock) -> None:
+    checker.check_fixed_depth(block)
+
+
+register_strategy("prune", block=PruneBlock, build=build_prune, from_description=PruneStrategy.from_description,
+                  check_models=_check_prune_models)

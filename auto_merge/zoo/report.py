@@ -194,7 +194,7 @@ def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_d
 
     from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskSuite, load_checkpoint
     from auto_merge.merge.live import ResidentSources, TensorSpec, materialise_into
-    from auto_merge.zoo.paths import zoo_root
+    from auto_merge.zoo.locate import zoo_root
 
     started = time.perf_counter()
     if root is None:

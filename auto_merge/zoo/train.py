@@ -193,7 +193,7 @@ def train_base(world: World, recipe: Recipe, seed: int, progress=None):
 
 def drift_tensors(state: dict, layers) -> list[str]:
     """The linear weights of the drift's layers, in state-dict order."""
-    from auto_merge.merge.live import layer_index
+    from auto_merge.models.layers import layer_index
 
     return [name for name in state if layer_index(name) in layers and name.endswith("proj.weight")]
 

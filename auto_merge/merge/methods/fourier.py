@@ -21,11 +21,10 @@ the ViT/RoBERTa paths), ``normalize`` false by default, and out = base + lambda 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-
-from auto_merge.merge.methods.registry import MergeInputs, ParamSpec, register_method
+from auto_merge.merge.methods.spec import MEMORY_ONLY_PARAMS, ParamSpec, Searched, register_method
 from auto_merge.merge.methods.task_arithmetic import (
     CONSENSUS_CHOICES,
     LAMBDA,
@@ -33,6 +32,11 @@ from auto_merge.merge.methods.task_arithmetic import (
     finish_task_arithmetic,
     task_vectors,
 )
+
+if TYPE_CHECKING:  # torch is imported inside the functions, so that reading the specs needs no torch
+    from torch import Tensor
+
+    from auto_merge.merge.methods.apply import MergeInputs
 
 FOURIER_MASK_MODES = ("reference", "clean")
 
@@ -44,6 +48,7 @@ def fourier_mask(height: int, width: int, ratio: float, mode: str = "reference")
 
 @functools.lru_cache(maxsize=64)
 def _fourier_mask_cached(height: int, width: int, ratio: float, mode: str) -> Tensor:
+    import torch
     if mode not in FOURIER_MASK_MODES:
         raise ValueError(f"fr_mask must be one of {FOURIER_MASK_MODES}, got {mode!r}")
     rows = torch.arange(height, dtype=torch.int64).unsqueeze(1)
@@ -62,6 +67,7 @@ def _fourier_mask_cached(height: int, width: int, ratio: float, mode: str) -> Te
 @functools.lru_cache(maxsize=64)
 def _half_spectrum_mask(height: int, width: int, ratio: float, mode: str, device: str) -> Tensor | None:
     """The mask symmetrized as (M(k) + M(-k)) / 2 and cut to rfft2's W//2 + 1 columns, or None when it is all ones."""
+    import torch
     mask = _fourier_mask_cached(height, width, ratio, mode)
     # M(-k): index 0 stays, index j maps to size - j.
     mirrored = torch.roll(torch.flip(mask, dims=(0, 1)), shifts=(1, 1), dims=(0, 1))
@@ -73,6 +79,7 @@ def _half_spectrum_mask(height: int, width: int, ratio: float, mode: str, device
 
 def fourier_high_pass(matrices: Tensor, ratio: float, mode: str = "reference") -> Tensor:
     """Apply F_r to each trailing H x W matrix of ``matrices`` ([..., H, W], fp32). Returns a new fp32 tensor."""
+    import torch
     if matrices.dim() < 2:
         raise ValueError(f"fourier_high_pass needs [..., H, W] matrices, got shape {tuple(matrices.shape)}")
     height, width = matrices.shape[-2:]
@@ -87,7 +94,7 @@ def fourier_high_pass(matrices: Tensor, ratio: float, mode: str = "reference") -
     "fourier",
     params=(
         REQUIRED_WEIGHT,
-        LAMBDA,
+        replace(LAMBDA, searched=Searched(default=(0.0, 1.5))),
         ParamSpec("normalize", "global", bool, default=False),
         ParamSpec("consensus", "global", str, default="sum", choices=CONSENSUS_CHOICES,
                   doc="sum: TIES sign election (FREE LLM path); none: plain sum (FREE ViT/RoBERTa paths)"),
@@ -100,6 +107,8 @@ def fourier_high_pass(matrices: Tensor, ratio: float, mode: str = "reference") -
     min_models=1,
     max_models=None,
     summary="FR-Merging: 2-D FFT high-pass of each 2-D task vector, then TIES-sign (or plain) sum",
+    search_fixed={"weight": 1.0},
+    ignored_params=MEMORY_ONLY_PARAMS,
 )
 def fourier(inputs: MergeInputs) -> Tensor:
     """FR-Merging: out = base + lambda * mix_i(w_i * F_r(x_i - base)), where F_r filters only 2-D tensors."""

@@ -4,11 +4,15 @@ model_stock and passthrough."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from auto_merge.merge.methods.spec import Alias, ParamSpec, ResolvedParams, Searched, register_method
 
-from auto_merge.merge.methods.registry import MergeInputs, ParamSpec, ResolvedParams, register_method
+if TYPE_CHECKING:  # torch is imported inside the functions, so that reading the specs needs no torch
+    from torch import Tensor
+
+    from auto_merge.merge.methods.apply import MergeInputs
 
 WEIGHT_SUM_FLOOR = 1e-8
 
@@ -36,7 +40,11 @@ def _require_nonzero_weight_sum(flag: str):
 # --- linear
 @register_method(
     "linear",
-    params=(REQUIRED_WEIGHT, ParamSpec("normalize", "global", bool, default=True)),
+    params=(
+        # `weights` is the reference's spelling; LFS searches one weight per expert (normalised by the method).
+        replace(REQUIRED_WEIGHT, aliases=(Alias("weights"),), searched=Searched(default=(0.0, 1.0), per_expert=True)),
+        ParamSpec("normalize", "global", bool, default=True),
+    ),
     base_model="none",
     min_models=1,
     max_models=None,
@@ -60,10 +68,12 @@ SLERP_NORM_FLOOR = 1e-8
 
 @register_method(
     "slerp",
-    params=(ParamSpec("t", "global", float, required=True, doc="0 returns the base, 1 the other model; not clamped"),),
+    params=(ParamSpec("t", "global", float, required=True, doc="0 returns the base, 1 the other model; not clamped",
+                      aliases=(Alias("slerp_t"),), searched=Searched(default=(0.0, 1.0))),),
     base_model="required",
     min_models=1,
     max_models=1,
+    first_source_is_base=True,  # a config's first model is the base (t = 0); LFS searches the pair of experts
 )
 def slerp(inputs: MergeInputs) -> Tensor:
     """mergekit slerp over the flattened tensor from the base (t=0) to the other model (t=1).
@@ -71,6 +81,7 @@ def slerp(inputs: MergeInputs) -> Tensor:
     The angle comes from the normalized vectors, but the coefficients multiply the unnormalized ones, so the norm is
     not preserved. Lerp is used when |cos| > 0.9995, which also covers antiparallel pairs.
     """
+    import torch
     t = inputs.param("t")
     start, end = inputs.base, inputs.tensors[0]
     start_norm = float(torch.linalg.vector_norm(start))
@@ -99,6 +110,7 @@ def slerp_along_last_dim(t: float, start: Tensor, end: Tensor) -> Tensor:
 
     Norms are clamped to >= 1e-7 and cos to [-1, 1]. Lerp is used only where |sin(angle)| < 1e-8.
     """
+    import torch
     start_norm = torch.linalg.vector_norm(start, dim=-1, keepdim=True).clamp_min(NUSLERP_NORM_CLAMP)
     end_norm = torch.linalg.vector_norm(end, dim=-1, keepdim=True).clamp_min(NUSLERP_NORM_CLAMP)
     cosine = ((start * end).sum(dim=-1, keepdim=True) / (start_norm * end_norm)).clamp(-1.0, 1.0)
@@ -124,6 +136,7 @@ def slerp_along_last_dim(t: float, start: Tensor, end: Tensor) -> Tensor:
     base_model="optional",
     min_models=2,
     max_models=2,
+    searchable=False,  # exactly two weighted models: LFS merges every expert of a group
 )
 def nuslerp(inputs: MergeInputs) -> Tensor:
     """Slerp between two models with t = w_2/(w_1+w_2); with a base, between their task vectors.
@@ -152,7 +165,7 @@ def nuslerp(inputs: MergeInputs) -> Tensor:
 @register_method(
     "multislerp",
     params=(
-        REQUIRED_WEIGHT,
+        replace(REQUIRED_WEIGHT, searched=Searched(default=(0.0, 1.0), per_expert=True)),
         ParamSpec("normalize_weights", "global", bool, default=True),
         ParamSpec("eps", "global", float, default=1e-8, low=0.0, low_inclusive=False),
     ),
@@ -174,6 +187,7 @@ def multislerp(inputs: MergeInputs) -> Tensor:
       3 or more raise ValueError.
     - All-zero inputs give zeros (the base), where mergekit would raise for 3 or more models.
     """
+    import torch
     eps = inputs.param("eps")
     vectors = torch.stack(inputs.tensors).reshape(len(inputs.tensors), -1)
     if inputs.base is not None:
@@ -215,6 +229,7 @@ def karcher(inputs: MergeInputs) -> Tensor:
 
     Inputs with norm <= tol are left out of the direction but still count in the mean norm.
     """
+    import torch
     max_iter, tol = inputs.param("max_iter"), inputs.param("tol")
     count = len(inputs.tensors)
     vectors = torch.stack(inputs.tensors).reshape(count, -1)
@@ -263,6 +278,7 @@ def model_stock(inputs: MergeInputs) -> Tensor:
     out = t * mean(x_i) + (1 - t) * base. When c = -1/(N-1), the ratio's denominator vanishes; ValueError is
     raised instead of returning inf/NaN (mergekit has no guard).
     """
+    import torch
     base = inputs.base
     count = len(inputs.tensors)
     offsets = torch.stack(inputs.tensors) - base
@@ -299,6 +315,7 @@ def model_stock(inputs: MergeInputs) -> Tensor:
     base_model="none",
     min_models=1,
     max_models=1,
+    searchable=False,  # takes one model as it is: nothing to search
 )
 def passthrough(inputs: MergeInputs) -> Tensor:
     """Copy the single input (for slices and frankenmerges), optionally multiplied by ``scale``."""

@@ -12,11 +12,14 @@ ValueError here.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from auto_merge.merge.methods.registry import MergeInputs, ParamSpec, register_method
+from auto_merge.merge.methods.spec import ParamSpec, Searched, register_method
+
+if TYPE_CHECKING:  # torch is imported inside the functions, so that reading the specs needs no torch
+    from torch import Tensor
+
+    from auto_merge.merge.methods.apply import MergeInputs
 
 # --- nearswap
 NEARSWAP_DIFF_FLOOR = 1e-6
@@ -28,6 +31,7 @@ NEARSWAP_DIFF_FLOOR = 1e-6
         ParamSpec(
             "t", "global", float, required=True, low=0.0,
             doc="distance below which the other model's value is taken whole; farther entries get t/|base-other|",
+            searched=Searched(default=(0.0, 0.01)),
         ),
     ),
     base_model="required",
@@ -40,6 +44,7 @@ def nearswap(inputs: MergeInputs) -> Tensor:
     Entries where the two models are close (|base - other| <= t) take the other model's value; the farther apart
     they are, the closer the result stays to the base. t = 0 returns the base.
     """
+    import torch
     t = inputs.param("t")
     base, other = inputs.base, inputs.tensors[0]
     distance = torch.abs(base - other).clamp_(min=NEARSWAP_DIFF_FLOOR)
@@ -50,6 +55,7 @@ def nearswap(inputs: MergeInputs) -> Tensor:
 # --- ram, ramplus_tl
 def _kept_task_vectors(inputs: MergeInputs, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
     """(task vectors [N, L] with entries |delta| <= epsilon zeroed, kept mask [N, L], contributor counts [L])."""
+    import torch
     base = inputs.base
     deltas = torch.stack([tensor - base for tensor in inputs.tensors]).reshape(len(inputs.tensors), -1)
     kept = deltas.abs() > epsilon
@@ -67,6 +73,7 @@ RAM_EPSILON_DEFAULT = 1e-5
         ParamSpec(
             "epsilon", "global", float, default=RAM_EPSILON_DEFAULT, low=0.0,
             doc="an entry of a task vector counts (contributes) when its magnitude is above this",
+            searched=Searched(default=(0.0, 0.01)),
         ),
     ),
     base_model="required",
@@ -88,8 +95,10 @@ def ram(inputs: MergeInputs) -> Tensor:
 @register_method(
     "ramplus_tl",
     params=(
-        ParamSpec("r", "global", float, default=0.1, low=0.0, doc="strength of the boost of unique entries"),
-        ParamSpec("alpha", "global", float, default=0.2, low=0.0, doc="cap on the shared/unique ratio rho"),
+        ParamSpec("r", "global", float, default=0.1, low=0.0, doc="strength of the boost of unique entries",
+                  searched=Searched(default=(0.0, 1.0))),
+        ParamSpec("alpha", "global", float, default=0.2, low=0.0, doc="cap on the shared/unique ratio rho",
+                  searched=Searched(default=(0.0, 1.0))),
         ParamSpec(
             "epsilon", "global", float, default=RAM_EPSILON_DEFAULT, low=0.0, low_inclusive=False,
             doc="contribution threshold on |delta|; also the floor of the unique count in rho",
@@ -106,6 +115,7 @@ def ramplus_tl(inputs: MergeInputs) -> Tensor:
     entries that other models change too, unique_i the number only model i changes. Entries changed by several
     models are averaged as in ram.
     """
+    import torch
     r, alpha, epsilon = inputs.param("r"), inputs.param("alpha"), inputs.param("epsilon")
     deltas, kept, counts = _kept_task_vectors(inputs, epsilon)
     unique = counts == 1
@@ -126,6 +136,8 @@ FUSION_IQR_FACTOR = 1.5
 
 def fusion_importance(other: Tensor, base: Tensor) -> Tensor:
     """|other - base| times the KL divergence KL(softmax(other) || softmax(base)) of its slice along the last dim."""
+    import torch
+    import torch.nn.functional as F
     p = F.softmax(other, dim=-1) + FUSION_SOFTMAX_EPS
     q = F.softmax(base, dim=-1) + FUSION_SOFTMAX_EPS
     divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
@@ -149,6 +161,7 @@ def arcee_fusion(inputs: MergeInputs) -> Tensor:
     elements: there the quantiles come from 10^6 entries drawn with replacement (the per-tensor generator here,
     torch's global generator in mergekit, so such tensors are not bit-comparable).
     """
+    import torch
     base, other = inputs.base, inputs.tensors[0]
     if base.numel() == 0:
         return base.clone()

@@ -21,15 +21,26 @@ methods default to "none".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from auto_merge.merge.methods.gta_variants import DIVISOR_FLOOR, GTA_VARIANTS, GtaVariant
+from auto_merge.merge.methods.spec import (
+    MEMORY_ONLY_PARAMS,
+    RESCALE_MODES,
+    Alias,
+    ParamSpec,
+    ResolvedParams,
+    Searched,
+    register_method,
+)
 
-from auto_merge.merge import sparsify
-from auto_merge.merge.methods.registry import MergeInputs, ParamSpec, ResolvedParams, register_method
+if TYPE_CHECKING:  # torch is imported inside the functions, so that reading the specs needs no torch
+    import torch
+    from torch import Tensor
 
-DIVISOR_FLOOR = 1e-8
+    from auto_merge.merge.methods.apply import MergeInputs
+
 CONSENSUS_CHOICES = ("sum", "none")
 
 REQUIRED_WEIGHT = ParamSpec(
@@ -56,18 +67,20 @@ COMPAT_EMPTY_SLICE = ParamSpec(
 
 def rescale_mode_param(default: str) -> ParamSpec:
     return ParamSpec(
-        "rescale_mode", "global", str, default=default, choices=sparsify.RESCALE_MODES,
+        "rescale_mode", "global", str, default=default, choices=RESCALE_MODES,
         doc="rescale of kept entries: l1 (mergekit), inverse_p (papers) or none",
     )
 
 
 def task_vectors(inputs: MergeInputs) -> Tensor:
     """Stacked task vectors [N, *shape]: x_i - base."""
+    import torch
     return torch.stack(inputs.tensors) - inputs.base
 
 
 def elect_sign_mask(stacked: Tensor) -> Tensor:
     """TIES sign consensus: True where an entry's sign equals the elected sign of the sum (zeros elect +1)."""
+    import torch
     elected_sign = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0)
     return torch.sign(stacked) == elected_sign
 
@@ -92,6 +105,7 @@ def mix_chunk(weighted: Tensor, weights: list[float], weight_column: Tensor, con
     ``out`` ([L]). The sums run over the same [N, L] layout as the stacked form, so they round alike, and masks are
     fp32 0/1 values rather than booleans (comparisons into bool tensors and torch.where are several times slower).
     """
+    import torch
     if consensus == "none":
         torch.sum(weighted, dim=0, out=out)
         if normalize:
@@ -131,6 +145,9 @@ def gta_merge(
     the TIES, DARE, Breadcrumbs and DELLA variants run as fused kernels (:mod:`auto_merge.merge.fused_gta`), whose
     random masks come from Philox counters rather than the CUDA generator.
     """
+    import torch
+
+    from auto_merge.merge.chunked_sparsify import ChunkedSparsifier
     base = inputs.base.contiguous()
     shape, device, numel = base.shape, base.device, base.numel()
     models = len(inputs.tensors)
@@ -165,7 +182,7 @@ def gta_merge(
     step = chunk_elements(numel, device)
     trimmer = None
     if sparsifier is not None:
-        trimmer = sparsify.ChunkedSparsifier(
+        trimmer = ChunkedSparsifier(
             sparsifier, shape, device, task_vector, task_vector_sample,
             densities=inputs.per_model("density"),
             rescale_mode=inputs.param("rescale_mode"),
@@ -209,30 +226,6 @@ def finish_task_arithmetic(inputs: MergeInputs, deltas: Tensor, consensus: str) 
     return gta_merge(inputs, consensus, deltas=deltas)
 
 
-@dataclass(frozen=True)
-class GtaVariant:
-    name: str
-    sparsifier: str | None
-    consensus: str
-    normalize_default: bool
-    rescale_default: str
-    summary: str
-
-
-GTA_VARIANTS = (
-    GtaVariant("task_arithmetic", None, "none", False, "none", "base + lambda * sum_i w_i (x_i - base)"),
-    GtaVariant("ties", "magnitude", "sum", True, "none", "TIES: magnitude trim, sign election, disjoint mean"),
-    GtaVariant("dare_linear", "bernoulli", "none", False, "l1", "DARE random drop, then weighted sum"),
-    GtaVariant("dare_ties", "bernoulli", "sum", False, "l1", "DARE random drop, then TIES sign election (sum)"),
-    GtaVariant("breadcrumbs", "magnitude_outliers", "none", False, "none", "Breadcrumbs outlier trim, weighted sum"),
-    GtaVariant(
-        "breadcrumbs_ties", "magnitude_outliers", "sum", False, "none", "Breadcrumbs trim with TIES sign election"
-    ),
-    GtaVariant("della", "della_magprune", "sum", True, "l1", "DELLA MagPrune with TIES sign election (mean)"),
-    GtaVariant("della_linear", "della_magprune", "none", False, "l1", "DELLA MagPrune, then weighted sum"),
-)
-
-
 def check_della_window(params: ResolvedParams) -> None:
     for index, model in enumerate(params.per_model_params):
         density, epsilon = model["density"], model["epsilon"]
@@ -244,15 +237,41 @@ def check_della_window(params: ResolvedParams) -> None:
             )
 
 
-def _register_gta(variant: GtaVariant) -> None:
-    params = [REQUIRED_WEIGHT, LAMBDA, ParamSpec("normalize", "global", bool, default=variant.normalize_default)]
-    if variant.sparsifier is not None:
-        params += [DENSITY, rescale_mode_param(variant.rescale_default)]
+# The reference implementation's spellings (its configs and recipes): λ as scaling_coefficient, and TIES's trim as the
+# mask rate r = 1 - density.
+REFERENCE_LAMBDA = Alias("scaling_coefficient")
+REFERENCE_MASK_RATE = Alias("param_value_mask_rate", complement=True)
+# How LFS searches the GTA family: one density and one λ per group and parameter family, each expert at weight 1.
+SEARCHED_DENSITY = Searched(default=(0.1, 1.0))
+SEARCHED_LAMBDA = Searched(default=(0.0, 2.0))
+# DELLA keeps entries with probability density ± epsilon, which must stay inside (0, 1).
+DELLA_DENSITY_MARGIN = EPSILON.default + 1e-3
+SEARCHED_DELLA_DENSITY = Searched(default=(0.2, 0.8), clip=(DELLA_DENSITY_MARGIN, 1.0 - DELLA_DENSITY_MARGIN))
+
+
+def _gta_params(variant: GtaVariant) -> list[ParamSpec]:
+    lam = replace(LAMBDA, searched=SEARCHED_LAMBDA)
+    density = replace(DENSITY, searched=SEARCHED_DELLA_DENSITY if variant.sparsifier == "della_magprune"
+                      else SEARCHED_DENSITY)
+    if variant.name == "task_arithmetic":
+        # LFS searches one weight per expert within the range given for λ (the reference searched one λ), λ fixed 1.
+        weight = replace(REQUIRED_WEIGHT, searched=Searched(default=(0.0, 1.5), per_expert=True,
+                                                            range_keys=("scaling_coefficient", "lambda")))
+        lam = replace(LAMBDA, aliases=(REFERENCE_LAMBDA,))
+        return [weight, lam, ParamSpec("normalize", "global", bool, default=variant.normalize_default)]
+    if variant.name == "ties":
+        lam = replace(lam, aliases=(REFERENCE_LAMBDA,))
+        density = replace(density, aliases=(REFERENCE_MASK_RATE,))
+    params = [REQUIRED_WEIGHT, lam, ParamSpec("normalize", "global", bool, default=variant.normalize_default),
+              density, rescale_mode_param(variant.rescale_default)]
     if variant.sparsifier == "magnitude_outliers":
         params += [GAMMA, COMPAT_EMPTY_SLICE]
     if variant.sparsifier == "della_magprune":
         params.append(EPSILON)
+    return params
 
+
+def _register_gta(variant: GtaVariant) -> None:
     def merge(inputs: MergeInputs) -> Tensor:
         return gta_merge(inputs, variant.consensus, sparsifier=variant.sparsifier)
 
@@ -260,13 +279,15 @@ def _register_gta(variant: GtaVariant) -> None:
     merge.__doc__ = variant.summary
     register_method(
         variant.name,
-        params=params,
+        params=_gta_params(variant),
         base_model="required",
         min_models=1,
         max_models=None,
         is_random=variant.sparsifier in ("bernoulli", "della_magprune"),
         summary=variant.summary,
         cross_check=check_della_window if variant.sparsifier == "della_magprune" else None,
+        search_fixed={"lambda": 1.0} if variant.sparsifier is None else {"weight": 1.0},
+        ignored_params=MEMORY_ONLY_PARAMS,
     )(merge)
 
 
@@ -285,11 +306,13 @@ SCE_DIVISOR_FLOOR = 1e-6
         ParamSpec(
             "select_topk", "global", float, default=1.0, low=0.0, high=1.0,
             doc="fraction of the positions with non-zero variance across models that are kept",
+            searched=Searched(default=(0.1, 1.0)),
         ),
     ),
     base_model="required",
     min_models=1,
     max_models=None,
+    ignored_params=MEMORY_ONLY_PARAMS,
 )
 def sce(inputs: MergeInputs) -> Tensor:
     """SCE (FuseChat): select high-variance positions, weight by task-vector energy, elect signs, erase and average.
@@ -297,6 +320,8 @@ def sce(inputs: MergeInputs) -> Tensor:
     Weights are omega_i = mean(tau_i^2) / sum_j mean(tau_j^2), taken after selection. As in mergekit, they become
     uniform when that sum is < 1e-6. Small fine-tuning deltas (RMS below ~1e-3) reach that often.
     """
+    import torch
+    from auto_merge.merge import sparsify
     deltas = task_vectors(inputs)
     count = deltas.shape[0]
     select_topk = inputs.param("select_topk")

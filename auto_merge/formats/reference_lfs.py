@@ -1,4 +1,4 @@
-"""Import of the reference implementation's published LFS configurations (flat SMAC JSON) into this project's space.
+"""The reference implementation's published LFS configurations in (flat SMAC JSON) into this project's space.
 
 The reference's keys embed model ids and parameter-set names (docs/reference_format.md); its decoder gives a linear
 group normalised per-model weights, a task-arithmetic group one λ per parameter set over all experts, a TIES group one
@@ -19,7 +19,8 @@ import math
 import re
 from collections.abc import Mapping
 
-from auto_merge.strategies.lfs import REST, LFSStrategy, StrategyError
+from auto_merge.strategies.families import REST
+from auto_merge.strategies.registry import StrategyError
 
 _GROUP_METHOD = re.compile(r"^layer_selection_method_(?P<g>\d+)$")
 _PER_MODEL = re.compile(
@@ -27,7 +28,7 @@ _PER_MODEL = re.compile(
 _SHARED = re.compile(r"^layer_(?P<g>\d+)_paramset_(?P<ps>.+?)_method_(?P<m>task_arithmetic|ties)_param_(?P<p>.+)$")
 
 
-def parse_reference_lfs(flat: Mapping[str, object], strategy: LFSStrategy) -> dict:
+def parse_reference_lfs(flat: Mapping[str, object], strategy) -> dict:
     """The reference's flat keys as {group: {"method", "per_model": {(ps, method, param): {model: v}},
     "shared": {(ps, method, param): v}}}; unknown keys, models or parameter sets are errors."""
     families = {("base" if f == REST else f) for f in strategy.families}
@@ -67,7 +68,7 @@ def _check_family(key: str, family: str, families: set[str]) -> None:
                             f"({sorted(families)})")
 
 
-def reference_slerp_pair(per_model: Mapping, strategy: LFSStrategy) -> tuple[int, int]:
+def reference_slerp_pair(per_model: Mapping, strategy) -> tuple[int, int]:
     """The reference's slerp experts: largest summed slerp_t first, ties kept in `models` order."""
     scores = {i: sum(values.get(model, 0.0) for (ps, m, p), values in per_model.items() if m == "slerp")
               for i, model in enumerate(strategy.models)}
@@ -75,7 +76,7 @@ def reference_slerp_pair(per_model: Mapping, strategy: LFSStrategy) -> tuple[int
     return ranked[0], ranked[1]
 
 
-def import_reference_lfs(flat: Mapping[str, object], strategy: LFSStrategy) -> dict:
+def import_reference_lfs(flat: Mapping[str, object], strategy) -> dict:
     """Configuration values in this project's LFS space that decode to the merge the reference built."""
     groups = parse_reference_lfs(flat, strategy)
     values: dict[str, object] = {}

@@ -1,9 +1,7 @@
-"""Merge-method registry: parameter specs, validation, and the uniform per-tensor entry point ``merge_tensor``.
-
-A method is a pure function over tensors. It is registered under its name together with a :class:`MethodSpec`.
-The spec lists the method's parameters (:class:`ParamSpec`: scope, type, default, range, whether required),
-whether a base model is required, optional or not accepted, how many non-base inputs it takes, and whether it is
-random. Method functions receive a :class:`MergeInputs` and return an fp32 tensor.
+"""Merge-method specs and the method registry, torch-free: what a method is called, which parameters it takes (scope,
+type, default, range, other spellings, how a search ranges over it) and how many models. Config validation, the LFS
+search space, the reference format's translation and the mergekit exporter all read these specs, so a method is
+declared once, beside its implementation, with :func:`register_method`.
 
 Parameter rules (see :func:`validate_params`):
 
@@ -13,10 +11,13 @@ Parameter rules (see :func:`validate_params`):
 - A global parameter inside a per-model dict is an error.
 - ``rescale: bool`` (mergekit spelling) is accepted as an alias for ``rescale_mode``: true means ``"l1"`` and
   false means ``"none"``.
+- :class:`Alias` spellings (the reference implementation's ``scaling_coefficient``, ``param_value_mask_rate`` ...) are
+  translated at the edges (configs, reference recipes), never here: the engine speaks only the canonical names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -24,13 +25,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-import torch
-from torch import Tensor
-
-from auto_merge.merge.sparsify import derive_generator
-
 Scope = Literal["global", "per_model"]
 BaseUsage = Literal["required", "optional", "none"]
+# How sparsifying methods rescale the entries they keep (mergekit's rescale: true is "l1").
+RESCALE_MODES = ("none", "l1", "inverse_p")
+# mergekit options that change memory use only: accepted by the task-vector methods and otherwise ignored.
+MEMORY_ONLY_PARAMS = ("int8_mask",)
 
 _MISSING = object()
 
@@ -46,12 +46,38 @@ class ParamError(ValueError):
 
 
 @dataclass(frozen=True)
+class Alias:
+    """Another spelling of a parameter (the reference implementation's): ``name``, and with ``complement`` a value v
+    given under it means 1 - v (the reference's TIES mask rate r is the density 1 - r)."""
+
+    name: str
+    complement: bool = False
+
+    def to_canonical(self, value: float) -> float:
+        return 1.0 - value if self.complement else value
+
+
+@dataclass(frozen=True)
+class Searched:
+    """How the LFS search ranges over a parameter: its ``default`` interval, whether each expert gets its own value
+    (``per_expert``; else one value shared by the experts of a group), other parameters whose configured range gives
+    this one's (``range_keys``: task arithmetic searches per-expert weights within the range given for λ, as the
+    reference searched one λ), and an interval the sampled value is clipped into (``clip``)."""
+
+    default: tuple[float, float]
+    per_expert: bool = False
+    range_keys: tuple[str, ...] = ()
+    clip: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
 class ParamSpec:
     """One method parameter.
 
     ``value_type`` is bool, int, float or str. For numbers, ``low``/``high`` bound the value and the
     ``*_inclusive`` flags say whether the bound itself is allowed. For str, ``choices`` lists the allowed values.
-    ``allow_none`` lets None mean "not set" (passthrough's ``scale``).
+    ``allow_none`` lets None mean "not set" (passthrough's ``scale``). ``aliases`` are other accepted spellings;
+    ``searched`` says how LFS searches it (None: not searched, it keeps its default or a fixed value).
     """
 
     name: str
@@ -66,6 +92,12 @@ class ParamSpec:
     choices: tuple[str, ...] | None = None
     allow_none: bool = False
     doc: str = ""
+    aliases: tuple[Alias, ...] = ()
+    searched: Searched | None = None
+
+    @property
+    def is_number(self) -> bool:
+        return self.value_type in (int, float)
 
     def allowed(self) -> str:
         """Human-readable description of the allowed values, used in error messages."""
@@ -86,6 +118,24 @@ class ParamSpec:
                 right = "]" if self.high_inclusive else ")"
                 text = f"{kind} in {left}{self.low}, {self.high}{right}"
         return text + (" (or None)" if self.allow_none else "")
+
+    def under_alias(self, alias: Alias) -> "ParamSpec":
+        """This parameter as spelled by ``alias``: with a complement, the range is mirrored (density (0, 1] is a
+        mask rate in [0, 1))."""
+        if not alias.complement:
+            return _replace(self, name=alias.name, aliases=())
+        return _replace(self, name=alias.name, aliases=(),
+                        low=None if self.high is None else 1.0 - self.high,
+                        high=None if self.low is None else 1.0 - self.low,
+                        low_inclusive=self.high_inclusive, high_inclusive=self.low_inclusive,
+                        default=None if self.default is None else 1.0 - self.default)
+
+    def contains(self, value: Any) -> bool:
+        try:
+            self.coerce(value, "")
+        except ParamError:
+            return False
+        return True
 
     def coerce(self, value: Any, where: str, model_index: int | None = None) -> Any:
         """Return ``value`` converted to the parameter's type; raise ParamError naming the parameter and its range."""
@@ -122,6 +172,10 @@ class ParamSpec:
         return number
 
 
+def _replace(spec: ParamSpec, **changes: Any) -> ParamSpec:
+    return dataclasses.replace(spec, **changes)
+
+
 @dataclass(frozen=True)
 class ResolvedParams:
     """Validated parameters with every default filled in."""
@@ -139,44 +193,27 @@ CrossCheck = Callable[[ResolvedParams], None]
 
 
 @dataclass(frozen=True)
-class MergeInputs:
-    """What a method function receives: fp32 tensors on one device, resolved parameters and the random context."""
-
-    tensors: tuple[Tensor, ...]
-    base: Tensor | None
-    params: ResolvedParams
-    seed: int = 0
-    tensor_name: str = ""
-    # Where the method may write its fp32 result (same shape and device as the inputs, contiguous, sharing no memory
-    # with them); None: allocate. A method that ignores it is fine: merge_tensor copies its result in.
-    out: Tensor | None = None
-
-    def param(self, name: str) -> Any:
-        return self.params.global_params[name]
-
-    def per_model(self, name: str) -> list[Any]:
-        return self.params.per_model(name)
-
-    def generator(self, model_index: int) -> torch.Generator:
-        """The stable per-(seed, tensor name, model index) generator for random methods."""
-        device = (self.base if self.base is not None else self.tensors[0]).device
-        return derive_generator(self.seed, self.tensor_name, model_index, device)
-
-    def generators(self) -> list[torch.Generator]:
-        return [self.generator(index) for index in range(len(self.tensors))]
-
-
-@dataclass(frozen=True)
 class MethodSpec:
     """Description of a registered merge method.
 
     ``min_models``/``max_models`` count the non-base tensors (``max_models`` None = unbounded). When a tensor exists
     only in the base model, the engine copies it unchanged; mergekit does the same for a lone input.
     ``cross_check`` validates constraints that involve several parameters.
+
+    How configs and searches use it:
+
+    - ``first_source_is_base``: a config lists the method's models as sources and the first is the base (slerp goes
+      from its first model, t = 0, to its second); a config then gives one model more than ``max_models``.
+    - ``searchable``: the LFS search can use it (it merges a group's experts at once; with
+      ``first_source_is_base`` the search picks a pair of experts).
+    - ``search_fixed``: values the LFS search fixes rather than searches (the TIES family's per-expert weight 1:
+      their strength is λ).
+    - ``ignored_params``: other tools' options accepted and ignored (mergekit's ``int8_mask``, which only saves
+      memory there).
     """
 
     name: str
-    function: Callable[[MergeInputs], Tensor] = field(repr=False)
+    function: Callable[..., Any] = field(repr=False)
     params: tuple[ParamSpec, ...]
     base_model: BaseUsage
     min_models: int
@@ -184,6 +221,10 @@ class MethodSpec:
     is_random: bool
     summary: str
     cross_check: CrossCheck | None = field(default=None, repr=False)
+    first_source_is_base: bool = False
+    searchable: bool = True
+    search_fixed: Mapping[str, Any] = field(default_factory=dict)
+    ignored_params: tuple[str, ...] = ()
 
     @property
     def requires_base(self) -> bool:
@@ -206,12 +247,38 @@ class MethodSpec:
     def per_model_param_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.params if spec.scope == "per_model")
 
+    def spellings(self) -> dict[str, tuple[ParamSpec, Alias | None]]:
+        """Every accepted spelling → (the canonical parameter, the alias used or None)."""
+        names: dict[str, tuple[ParamSpec, Alias | None]] = {}
+        for spec in self.params:
+            names[spec.name] = (spec, None)
+            for alias in spec.aliases:
+                names[alias.name] = (spec, alias)
+        return names
+
+    def spelled(self, name: str) -> ParamSpec | None:
+        """The parameter as spelled ``name`` (its range mirrored for a complement alias), or None if unknown."""
+        found = self.spellings().get(name)
+        if found is None:
+            return None
+        spec, alias = found
+        return spec if alias is None else spec.under_alias(alias)
+
+    def config_model_count(self) -> tuple[int, int | None]:
+        """How many models a config lists for it: the non-base models, plus the base when the first source is it."""
+        extra = 1 if self.first_source_is_base else 0
+        return self.min_models + extra, None if self.max_models is None else self.max_models + extra
+
     def describe_model_count(self) -> str:
-        if self.max_models is None:
-            return f"at least {self.min_models}"
-        if self.max_models == self.min_models:
-            return f"exactly {self.min_models}"
-        return f"{self.min_models} to {self.max_models}"
+        return describe_count(self.min_models, self.max_models)
+
+
+def describe_count(low: int, high: int | None) -> str:
+    if high is None:
+        return f"at least {low}"
+    if high == low:
+        return f"exactly {low}"
+    return f"{low} to {high}"
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -228,15 +295,26 @@ def register_method(
     is_random: bool = False,
     summary: str = "",
     cross_check: CrossCheck | None = None,
-) -> Callable[[Callable[[MergeInputs], Tensor]], Callable[[MergeInputs], Tensor]]:
-    """Decorator that registers ``function`` under ``name``. Registering a name twice is an error."""
+    first_source_is_base: bool = False,
+    searchable: bool = True,
+    search_fixed: Mapping[str, Any] | None = None,
+    ignored_params: Sequence[str] = (),
+) -> Callable[[Callable], Callable]:
+    """Decorator that registers ``function(inputs: MergeInputs) -> Tensor`` under ``name`` with its spec. The
+    function gets fp32 tensors and returns an fp32 tensor. Registering a name twice is an error; so are a parameter
+    or alias declared twice and a fixed search value outside its parameter's range."""
 
-    def decorate(function: Callable[[MergeInputs], Tensor]) -> Callable[[MergeInputs], Tensor]:
+    def decorate(function: Callable) -> Callable:
         if name in _REGISTRY:
             raise ValueError(f"merge method {name!r} is already registered")
-        names = [spec.name for spec in params]
-        if len(names) != len(set(names)):
-            raise ValueError(f"merge method {name!r} declares a parameter twice: {names}")
+        spellings = [spec.name for spec in params] + [alias.name for spec in params for alias in spec.aliases]
+        if len(spellings) != len(set(spellings)):
+            raise ValueError(f"merge method {name!r} declares a parameter or alias twice: {spellings}")
+        by_name = {spec.name: spec for spec in params}
+        for fixed, value in (search_fixed or {}).items():
+            if fixed not in by_name:
+                raise ValueError(f"merge method {name!r}: search_fixed names unknown parameter {fixed!r}")
+            by_name[fixed].coerce(value, f"merge method {name!r} search_fixed")
         _REGISTRY[name] = MethodSpec(
             name=name,
             function=function,
@@ -247,6 +325,10 @@ def register_method(
             is_random=is_random,
             summary=summary or (function.__doc__ or "").strip().split("\n")[0],
             cross_check=cross_check,
+            first_source_is_base=first_source_is_base,
+            searchable=searchable,
+            search_fixed=MappingProxyType(dict(search_fixed or {})),
+            ignored_params=tuple(ignored_params),
         )
         return function
 
@@ -353,101 +435,3 @@ def validate_params(
     if spec.cross_check is not None:
         spec.cross_check(result)
     return result
-
-
-def common_submatrix(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Truncate tensors of equal rank to their common leading block ``[min rows, min cols, ...]``.
-
-    This is mergekit's rule for inputs of different vocabulary sizes, meant for embeddings (``embed_tokens``, ``lm_head``) when no
-    tokenizer alignment is configured. The method layer does not know which tensors are embeddings, so the engine
-    calls this explicitly and logs it. Views are returned and nothing is copied.
-    """
-    if not tensors:
-        return []
-    ranks = {tensor.dim() for tensor in tensors}
-    if len(ranks) != 1:
-        raise ValueError(f"cannot truncate tensors of different rank: shapes {[tuple(t.shape) for t in tensors]}")
-    common = [min(sizes) for sizes in zip(*(tensor.shape for tensor in tensors))]
-    return [tensor[tuple(slice(0, size) for size in common)] for tensor in tensors]
-
-
-def _as_fp32(tensor: Tensor, label: str) -> Tensor:
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{label} must be a torch.Tensor, got {type(tensor).__name__}")
-    if not tensor.is_floating_point():
-        raise ValueError(f"{label} must be a floating-point tensor, got {tensor.dtype}")
-    return tensor.to(torch.float32)
-
-
-def merge_tensor(
-    method_name: str,
-    tensors: Sequence[Tensor],
-    base: Tensor | None = None,
-    global_params: Mapping[str, Any] | None = None,
-    per_model_params: Sequence[Mapping[str, Any] | None] | None = None,
-    *,
-    seed: int = 0,
-    tensor_name: str = "",
-    out: Tensor | None = None,
-) -> Tensor:
-    """Merge one tensor name across models and return the fp32 result on the inputs' device.
-
-    ``tensors`` are the non-base models' tensors in config order. ``per_model_params`` gives one dict per entry of
-    ``tensors``; None or an empty sequence means defaults for all of them. ``seed`` and ``tensor_name`` seed random
-    methods. All tensors must have the same shape and device; for embeddings of different vocab sizes, apply
-    :func:`common_submatrix` first. ``out`` (optional, of the inputs' shape, any floating dtype): the result is written
-    there (cast to its dtype) and ``out`` is returned; an fp32 ``out`` that shares no memory with the inputs is
-    handed to the method, which may compute straight into it (no result-sized allocation).
-    """
-    spec = get_method(method_name)
-    tensors = list(tensors)
-    if not per_model_params:  # None or empty: every model takes the defaults (and global_params' per-model values)
-        per_model_params = [{} for _ in tensors]
-    if len(per_model_params) != len(tensors):
-        raise ValueError(
-            f"{method_name}: got {len(tensors)} tensors but {len(per_model_params)} per-model parameter dicts"
-        )
-    if base is None and spec.base_model == "required":
-        raise ValueError(f"{method_name}: requires a base model tensor")
-    if base is not None and spec.base_model == "none":
-        raise ValueError(
-            f"{method_name}: does not take a base model; pass base=None "
-            "(list the base among `tensors`, with its own parameters, if it should contribute)"
-        )
-    params = validate_params(method_name, global_params, per_model_params)
-
-    inputs = [_as_fp32(tensor, f"{method_name}: tensor {index}") for index, tensor in enumerate(tensors)]
-    base_fp32 = _as_fp32(base, f"{method_name}: base") if base is not None else None
-    reference = base_fp32 if base_fp32 is not None else inputs[0]
-    for index, tensor in enumerate(inputs):
-        if tensor.shape != reference.shape:
-            raise ValueError(
-                f"{method_name}: tensor {index} of {tensor_name or 'this tensor'} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(reference.shape)}; truncate embeddings with common_submatrix() or skip the model"
-            )
-        if tensor.device != reference.device:
-            raise ValueError(f"{method_name}: tensor {index} is on {tensor.device}, expected {reference.device}")
-
-    if out is not None and tuple(out.shape) != tuple(reference.shape):
-        raise ValueError(f"{method_name}: out has shape {tuple(out.shape)}, expected {tuple(reference.shape)}")
-    scratch = None
-    if out is not None and out.dtype == torch.float32 and out.is_contiguous() and out.device == reference.device \
-            and not any(_shares_memory(out, tensor) for tensor in (*inputs, base_fp32) if tensor is not None):
-        scratch = out
-    result = spec.function(
-        MergeInputs(tensors=tuple(inputs), base=base_fp32, params=params, seed=seed, tensor_name=tensor_name,
-                    out=scratch)
-    )
-    if out is None:
-        return result.to(torch.float32)
-    if result is not out:
-        out.copy_(result)
-    return out
-
-
-def _shares_memory(a: Tensor, b: Tensor) -> bool:
-    """Whether two tensors' storages overlap (conservative: whole storages are compared)."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    return sa.data_ptr() < sb.data_ptr() + sb.nbytes() and sb.data_ptr() < sa.data_ptr() + sa.nbytes()
