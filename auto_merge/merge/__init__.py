@@ -28,7 +28,9 @@ def __getattr__(name: str):
     """merge_tensor, MergeInputs and common_submatrix import torch: loaded on first use."""
     from auto_merge.merge import methods
 
-    return getattr(methods, name)
+    if name in methods.TORCH_NAMES:
+        return getattr(methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

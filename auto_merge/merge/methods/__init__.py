@@ -30,12 +30,12 @@ from auto_merge.plugins import load_plugins
 
 load_plugins("auto_merge.methods")
 
-_APPLY_NAMES = ("MergeInputs", "common_submatrix", "merge_tensor")
+TORCH_NAMES = ("MergeInputs", "common_submatrix", "merge_tensor")  # from .apply, on first use
 
 
 def __getattr__(name: str):
     """The torch side (:mod:`.apply`) on first use, so that reading specs does not import torch."""
-    if name in _APPLY_NAMES:
+    if name in TORCH_NAMES:
         from auto_merge.merge.methods import apply
 
         return getattr(apply, name)
