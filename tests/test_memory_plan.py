@@ -181,7 +181,7 @@ def base_model(zoo: Path, folder: str = "base"):
 
 
 def test_the_dry_runs_print_the_plan_the_live_merger_follows(zoo, tmp_path, capsys):
-    from auto_merge.cli import _search_memory_plan
+    from auto_merge.search.memory import search_memory_plan
     from auto_merge.config import load_experiment
 
     config_path = ROOT / "exp_config" / "config_lfs.yaml"
@@ -195,7 +195,7 @@ def test_the_dry_runs_print_the_plan_the_live_merger_follows(zoo, tmp_path, caps
 
     # The CPU plan the dry run prints is the placement the trials' LiveMerger takes.
     config = load_experiment(config_path, check_models=True)
-    printed = _search_memory_plan(config, None, 64 * GB)
+    printed = search_memory_plan(config, None, 64 * GB)
     model = base_model(zoo)
     merger = LiveMerger(model, device="cpu", models=list(config.model_paths), host_memory=64 * GB)
     merger.apply({"base_model": "zoo:base", "merge_method": "task_arithmetic",

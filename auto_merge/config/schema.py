@@ -118,9 +118,15 @@ class EvaluationSettings(StrictModel):
     in_memory: bool = Field(True, description="Candidates are copied into a live model and evaluated in memory "
                                               "(false, the reference's write-then-evaluate, is refused: same scores, "
                                               "slower)")
-    vllm: bool = Field(False, description="Use vLLM (true) or Hugging Face HFLM (false). The vLLM backend is not "
-                                          "in this version yet: true is refused before any model loads")
-    enforce_eager: bool = Field(True, description="Passed to vLLM (read only with vllm: true)")
+    vllm: bool = Field(False, description="Score candidates with vLLM (true) or Hugging Face HFLM (false). With "
+                                          "vLLM each worker keeps one engine on its GPU and every candidate's "
+                                          "weights are loaded into it in place; needs a CUDA GPU and the vllm extra "
+                                          "(checked before any model loads)")
+    enforce_eager: bool = Field(True, description="Passed to vLLM: no CUDA graphs (read only with vllm: true)")
+    gpu_memory_utilization: float = Field(
+        0.4, gt=0, lt=1, description="New. Share of the GPU's memory vLLM takes for its copy of the model and its KV "
+                                     "cache (read only with vllm: true); the rest holds the sources and the live "
+                                     "model that candidates are merged into")
     batch_size: int = Field(16, ge=1, description="lm-eval batch size")
     torch_dtype: Literal["float16", "bfloat16", "float32", "auto"] = Field(
         "float16", description="dtype of the evaluated model")

@@ -41,6 +41,7 @@ from auto_merge.evaluation.budget import (
     NestedSubsets,
     shuffle_seed,
 )
+from auto_merge.evaluation.backends import VllmOptions
 from auto_merge.evaluation.cache import ResultCache, round_trip
 from auto_merge.evaluation.lm_eval_runner import (
     ChatFormat,
@@ -61,8 +62,9 @@ class BudgetedEvaluator:
     """Scores one live model, whose weights change between trials, at a budget (see the module docstring).
 
     `settings`: the config's `global_params.evaluation` (`EvaluationSettings`): tasks (with metric, direction,
-    weight, overrides), aggregate, include_path, batch_size, device, num_fewshot. Its `limit`, `torch_dtype`,
-    `vllm`, `in_memory` and `enforce_eager` are the caller's business (how the model is loaded and which backend).
+    weight, overrides), aggregate, include_path, batch_size, device, num_fewshot. Its `limit`, `torch_dtype`
+    and `in_memory` are the caller's business (how the model is loaded); `vllm`: the backend's options when the
+    settings ask for vLLM (:func:`auto_merge.evaluation.backends.vllm_options`; None: transformers).
     `config_dir`: where relative include paths and override data paths are taken from (the config file's folder).
     `seed`: fixes each task's document order for the whole run. `cache_path`: the SQLite file of per-document
     results (shared by the run's workers, kept across restarts). `budget_unit`, `reference_size`, `min_examples`:
@@ -74,7 +76,8 @@ class BudgetedEvaluator:
     def __init__(self, settings, model, tokenizer, *, seed: int, cache_path: str | os.PathLike,
                  config_dir: str | os.PathLike | None = None, budget_unit: BudgetUnit = "examples",
                  reference_size: float | None = None, min_examples: int = DEFAULT_MIN_EXAMPLES,
-                 allow_code_execution: bool = False, max_length: int | None = None):
+                 allow_code_execution: bool = False, max_length: int | None = None,
+                 vllm: VllmOptions | None = None):
         self.objectives = [TaskObjective.from_config(entry) for entry in settings.tasks]
         if not self.objectives:
             raise TaskConfigError("evaluation.tasks is empty: nothing to score")
@@ -86,7 +89,7 @@ class BudgetedEvaluator:
             num_fewshot=settings.num_fewshot, allow_code_execution=allow_code_execution, base_dir=config_dir)
         self.live = LiveEvaluator(model, tokenizer, self.suite, batch_size=settings.batch_size,
                                   device=resolve_device(settings.device), max_length=max_length,
-                                  chat=ChatFormat.from_settings(settings))
+                                  chat=ChatFormat.from_settings(settings), vllm=vllm)
         leaves = self.suite.leaf_tasks
         self._aggregation = {}
         for objective in self.objectives:
@@ -95,7 +98,8 @@ class BudgetedEvaluator:
         for name, task in leaves.items():
             if (task.config.num_fewshot or 0) > 0:
                 _pin_fewshot_sampling(task, seed)
-        self.contexts = _task_contexts(leaves, model, tokenizer, self.live.lm.max_length, self.suite.include_paths)
+        self.contexts = _task_contexts(leaves, model, tokenizer, self.live.lm.max_length, self.suite.include_paths,
+                                       backend=self.live.backend.name)
         documents = {unit.name: [DocumentRef(leaf, doc_id) for leaf in unit.leaves
                                  for doc_id in range(len(leaves[leaf].eval_docs))]
                      for unit in self.suite.units.values()}
@@ -226,8 +230,9 @@ def _stable(value: Any) -> str:
 
 
 def _task_contexts(tasks: Mapping[str, Any], model, tokenizer, max_length: int,
-                   plugin_folders: Sequence[Path]) -> dict[str, str]:
-    """Per leaf task, a digest of everything but the weights that its per-document values depend on."""
+                   plugin_folders: Sequence[Path], backend: str = "transformers") -> dict[str, str]:
+    """Per leaf task, a digest of everything but the weights that its per-document values depend on (the backend
+    too: vLLM's kernels may answer a few documents differently)."""
     from importlib.metadata import version
 
     model_config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
@@ -236,6 +241,8 @@ def _task_contexts(tasks: Mapping[str, Any], model, tokenizer, max_length: int,
         "scoring_version": SCORING_VERSION, "lm_eval": version("lm_eval"), "model_class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype), "model_config": model_config, "vocabulary": vocabulary,
         "max_length": max_length, "plugins": plugin_source_digest(plugin_folders),
+        # Only named when it is not transformers, so the caches written before there was a choice stay valid.
+        **({"backend": backend} if backend != "transformers" else {}),
     }, sort_keys=True, default=_stable)
     contexts = {}
     for name, task in tasks.items():

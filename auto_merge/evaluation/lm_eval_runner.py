@@ -15,11 +15,10 @@ import functools
 import io
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auto_merge.evaluation.plugins import (
     CodeExecutionNotAllowedError,
@@ -36,6 +35,9 @@ from auto_merge.evaluation.plugins import (
     index_task_folders,
     resolve_include_paths,
 )
+
+if TYPE_CHECKING:
+    from auto_merge.evaluation.backends import VllmOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -343,43 +345,39 @@ class LiveEvaluator:
 
     `device`: where the model runs (moved there once, here); None keeps it where it is. `forward_seconds`
     accumulates the time spent inside the model's forward passes and generation (synchronised on CUDA), so callers
-    can tell lm-eval's own overhead from model time.
+    can tell lm-eval's own overhead from model time. `vllm`: evaluate with a vLLM engine that is given the live
+    model's weights before every evaluation (`backends.py`) instead of running the live model itself.
     """
 
     def __init__(self, model, tokenizer, suite: TaskSuite, batch_size: int | str = 64, device: str | None = None,
-                 max_length: int | None = None, chat: "ChatFormat | None" = None):
+                 max_length: int | None = None, chat: "ChatFormat | None" = None,
+                 vllm: "VllmOptions | None" = None):
         set_offline()
-        import torch
+        from auto_merge.evaluation.backends import make_backend
 
         if device is not None:
             model.to(resolve_device(device))
         model.eval()
         with quiet():
-            from lm_eval.models.huggingface import HFLM
-
-            # With a model object HFLM takes the device from the model itself.
-            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            self.backend = make_backend(model, tokenizer, batch_size=batch_size, max_length=max_length, vllm=vllm)
         self.model = model
         self.suite = suite
         self.chat = chat or ChatFormat()
-        self.forward_seconds = 0.0
-        self._synchronise = torch.cuda.synchronize if self.lm.device.type == "cuda" else None
-        for name in ("_model_call", "_model_generate"):
-            setattr(self.lm, name, self._timed(getattr(self.lm, name)))
-        self.lm.tok_encode = _memoised_encoder(self.lm.tok_encode)
 
-    def _timed(self, call):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                output = call(*args, **kwargs)
-                if self._synchronise is not None:
-                    self._synchronise()
-                return output
-            finally:
-                self.forward_seconds += time.perf_counter() - started
+    @property
+    def lm(self):
+        """lm-eval's model object that runs the tasks."""
+        return self.backend.lm
 
-        return timed
+    @property
+    def forward_seconds(self) -> float:
+        """Seconds spent in forward passes and generation so far (differences of it time one evaluation)."""
+        return self.backend.clock.seconds
+
+    def _sync(self) -> None:
+        """The backend sees the live model's current weights (vLLM: loaded into its engine)."""
+        with quiet():
+            self.backend.sync()
 
     def evaluate(self, limit: int | float | None = None, samples: list | None = None) -> dict[str, dict[str, float]]:
         """Per task (and group), its metrics (`"exact_match,none"` style keys, as lm-eval reports them), on the
@@ -387,6 +385,7 @@ class LiveEvaluator:
         record per example (task, doc_id, prompt, model output, target, metrics)."""
         from lm_eval.evaluator import evaluate
 
+        self._sync()
         with quiet():
             results = evaluate(
                 lm=self.lm,
@@ -413,6 +412,7 @@ class LiveEvaluator:
         if not selected:
             return {}
         tasks = self.suite.leaf_tasks
+        self._sync()
         with quiet():
             results = evaluate(
                 lm=self.lm,
@@ -436,21 +436,6 @@ class LiveEvaluator:
             if absent:
                 raise RuntimeError(f"lm-eval returned no results for documents {absent[:10]} of task {task!r}")
         return per_document
-
-
-def _memoised_encoder(encode, max_entries: int = 1 << 16):
-    """Tokenise each prompt string once per process: every trial sends the same prompts (only the weights change),
-    and tokenising them again is, on small models, a large share of the time outside the forward passes."""
-    cached = functools.lru_cache(maxsize=max_entries)(
-        lambda string, add_special_tokens, left_truncate_len: tuple(
-            encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len)))
-
-    def tok_encode(string, add_special_tokens=None, left_truncate_len=None, **kwargs):
-        if kwargs or not isinstance(string, str):
-            return encode(string, add_special_tokens=add_special_tokens, left_truncate_len=left_truncate_len, **kwargs)
-        return list(cached(string, add_special_tokens, left_truncate_len))  # a fresh list: callers may modify it
-
-    return tok_encode
 
 
 def sample_record(task: str, entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -214,6 +214,7 @@ def score_run(config, merge, plan, model_dir: Path, run_dir: Path, say) -> dict:
 def score_folder(config, folder: Path, fingerprint: str, cache_path: Path, say) -> dict:
     """One checkpoint scored on the configured tasks, every example (or `evaluation.limit`: N examples of the
     largest task and the same share of the others, as a search budget of N would select; < 1: a fraction)."""
+    from auto_merge.evaluation.backends import vllm_options
     from auto_merge.evaluation.budgeted import BudgetedEvaluator
     from auto_merge.evaluation.lm_eval_runner import load_checkpoint, resolve_device
 
@@ -226,7 +227,8 @@ def score_folder(config, folder: Path, fingerprint: str, cache_path: Path, say) 
     unit = "fraction" if budget is not None and budget < 1 else "examples"
     evaluator = BudgetedEvaluator.from_config(
         config, model, tokenizer, cache_path=cache_path, budget_unit=unit,
-        min_examples=settings.min_examples_per_task, allow_code_execution=settings.allow_code_execution)
+        min_examples=settings.min_examples_per_task, allow_code_execution=settings.allow_code_execution,
+        vllm=vllm_options(settings, folder, seed=params.random_seed, trust_remote_code=params.trust_remote_code))
     try:
         result = evaluator.evaluate(fingerprint, budget)
     finally:

@@ -57,8 +57,12 @@ def _check_backend(config, settings) -> None:
     """Every evaluation key is honoured or refused, never silently ignored."""
     key = ("global_params", "evaluation")
     if settings.vllm:
-        raise config_error(config, key + ("vllm",), "the vLLM evaluation backend is not in this version yet; "
-                           "candidates are scored with transformers (HFLM)", "false")
+        from auto_merge.evaluation.backends import vllm_problem
+
+        problem = vllm_problem(settings.device)
+        if problem is not None:
+            raise config_error(config, key + ("vllm",), problem,
+                               "false (score with transformers), or true on a machine with a CUDA GPU and vllm")
     if not settings.in_memory:
         raise config_error(config, key + ("in_memory",), "writing every candidate to disk before evaluating it is "
                            "not supported: candidates are evaluated in memory, with the same scores", "true")

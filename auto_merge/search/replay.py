@@ -76,6 +76,13 @@ def evaluation_suite(path: Path, evaluation: dict | None, include_paths: list[Pa
             {key: value for key, value in evaluation.items() if key in EvaluationSettings.model_fields})
     except ValueError as err:
         raise ReplayError(f"{path}: evaluation: {err}") from None
+    if settings.vllm:
+        from auto_merge.evaluation.backends import vllm_problem
+
+        problem = vllm_problem(settings.device)
+        if problem is not None:
+            raise ReplayError(f"{path}: evaluation.vllm is true, but {problem}; allowed here: false (set it in the "
+                              "file to score with transformers)")
     if include_paths is None:
         recorded = [Path(p) for p in evaluation.get("include_paths_resolved") or []]
         include_paths = recorded if recorded and all(p.is_dir() for p in recorded) else None
@@ -141,11 +148,13 @@ def replay(path: Path, out_dir: Path, *, config_path: Path | None = None, overwr
                                                                             else ""), departures)] if reference else ())
     report = {"out_dir": str(result.out_dir), "recipe": recipe, "departures": departures}
     if evaluate:
+        from auto_merge.evaluation.backends import vllm_options
         from auto_merge.evaluation.lm_eval_runner import ChatFormat, LiveEvaluator, load_checkpoint, resolve_device
 
         dtype = settings.torch_dtype if settings.torch_dtype != "auto" else "float32"  # as the search's trials
         model, tokenizer = load_checkpoint(out_dir, dtype=dtype, device=resolve_device(settings.device))
         results = LiveEvaluator(model, tokenizer, suite, batch_size=settings.batch_size,
-                                chat=ChatFormat.from_settings(settings)).evaluate(limit=None)
+                                chat=ChatFormat.from_settings(settings),
+                                vllm=vllm_options(settings, out_dir, seed=seed)).evaluate(limit=None)
         report["scores"] = {t.task: results[t.task][t.metric] for t in settings.tasks}
     return report

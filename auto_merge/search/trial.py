@@ -58,6 +58,7 @@ class TrialRunner:
     def __init__(self, spec: TrialSpec):
         import torch
 
+        from auto_merge.evaluation.backends import vllm_options
         from auto_merge.evaluation.budgeted import BudgetedEvaluator
         from auto_merge.evaluation.lm_eval_runner import load_checkpoint, resolve_device
         from auto_merge.merge.live import LiveMerger
@@ -83,6 +84,8 @@ class TrialRunner:
             spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,
             config_dir=spec.config_dir, allow_code_execution=spec.evaluation.allow_code_execution,
             budget_unit=spec.evaluation.budget_unit, min_examples=spec.evaluation.min_examples_per_task,
+            vllm=vllm_options(spec.evaluation, spec.model_paths[base_ref], seed=spec.seed,
+                              trust_remote_code=spec.trust_remote_code),
         )
 
     def run(self, values: dict, budget: float | None) -> tuple[float | dict[str, float], dict]:
