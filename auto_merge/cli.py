@@ -323,22 +323,14 @@ def cmd_merge(args) -> int:
         raise UserFacingError(f"--out-shard-size: {err}") from None
     gpu_memory, host_memory = _memory_flags(args)
     if len(load_stages(args.recipe)) > 1:  # a mergekit-multi file: its stages in order
-        if gpu_memory is not None or host_memory is not None:
-            raise UserFacingError("--gpu-memory / --host-memory: a multi-stage file's dry run plans each stage for "
-                                  "this machine; drop them, or dry-run one stage's recipe on its own")
-        return _merge_stages(args)
+        return _merge_stages(args, gpu_memory, host_memory)
     plan = prepare_plan(args.recipe, allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle")
     if not args.dry_run:  # never one of the sources, or a folder holding one; before any weight is read
         check_replaceable(args.out_dir, overwrite=args.overwrite,
                           protected=[model.path for model in plan.models.values()])
     if args.dry_run:
-        from auto_merge.merge.memory_plan import Capacity, gpu_capacity, host_capacity
-
-        on_gpu = args.cuda or gpu_memory is not None
-        gpu = Capacity(gpu_memory, "given") if gpu_memory is not None else \
-            gpu_capacity("cuda") if args.cuda else Capacity(None, "none")
-        print(describe_plan(plan, args.out_shard_size, device="cuda" if on_gpu else "cpu", gpu=gpu,
-                            host=host_capacity(host_memory)))
+        device, gpu, host = _dry_run_memory(args, gpu_memory, host_memory)
+        print(describe_plan(plan, args.out_shard_size, device=device, gpu=gpu, host=host))
         return 0
     if args.cuda:
         import torch
@@ -354,7 +346,18 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def _merge_stages(args) -> int:
+def _dry_run_memory(args, gpu_memory: int | None, host_memory: int | None):
+    """The device and capacities `merge --dry-run` plans for: the GPU with --cuda or --gpu-memory (its size given, or
+    detected), else the CPU; the host's memory given or detected."""
+    from auto_merge.merge.memory_plan import Capacity, gpu_capacity, host_capacity
+
+    on_gpu = args.cuda or gpu_memory is not None
+    gpu = Capacity(gpu_memory, "given") if gpu_memory is not None else \
+        gpu_capacity("cuda") if args.cuda else Capacity(None, "none")
+    return ("cuda" if on_gpu else "cpu"), gpu, host_capacity(host_memory)
+
+
+def _merge_stages(args, gpu_memory: int | None, host_memory: int | None) -> int:
     """`auto-merge merge` of a file of several recipe documents (cmd_merge's multi-stage half)."""
     from auto_merge.merge.engine import run_stages
 
@@ -377,7 +380,7 @@ def _merge_stages(args) -> int:
     run_stages(args.recipe, args.out_dir, seed=args.seed, device="cuda" if args.cuda else "cpu",
                out_shard_size=args.out_shard_size, overwrite=args.overwrite, progress=not args.no_progress,
                allow_pickle=args.allow_pickle, pickle_opt_in="pass --allow-pickle", dry_run=args.dry_run,
-               on_stage=report)
+               on_stage=report, dry_run_memory=_dry_run_memory(args, gpu_memory, host_memory) if args.dry_run else None)
     return 0
 
 

@@ -169,6 +169,12 @@ def test_the_merge_command_dry_runs_a_multi_stage_file_and_reports_errors(tmp_pa
     assert "== stage 'ta' (document 3)" in printed and "layers 0-7: task_arithmetic" in printed
     assert "== the final merge (document 1)" in printed and "merges the output(s) of 'mix'" in printed
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.stages").exists()
+    # Each plannable stage is planned for the machine the flags describe, as a single recipe is.
+    assert main(["merge", str(path), str(tmp_path / "out"), "--dry-run", "--gpu-memory", "24GiB",
+                 "--host-memory", "8GiB"]) == 0
+    printed = capsys.readouterr().out
+    stage = printed[printed.index("== stage 'ta'"):]
+    assert "GPU 25.8 GB given" in stage and "host 8.6 GB given" in stage, stage
     missing = write(tmp_path, MULTI.replace("zoo:col", str(tmp_path / "nowhere")), "missing.yml")
     assert main(["merge", str(missing), str(tmp_path / "out")]) != 0
     assert "nowhere" in capsys.readouterr().err

@@ -497,6 +497,7 @@ def run_stages(
     pickle_opt_in: str | None = None,
     dry_run: bool = False,
     on_stage: Callable[[StageOutcome], None] | None = None,
+    dry_run_memory: tuple[str, Capacity, Capacity] | None = None,
 ) -> list[StageOutcome]:
     """Run a mergekit-multi file: every stage in order (:func:`auto_merge.merge.recipe.load_stages`), each written
     atomically to its folder (:func:`stage_folders`); a stage's name used as a model means its output folder.
@@ -504,8 +505,11 @@ def run_stages(
     Before any weight is read: every document is validated, every model that is not a stage is resolved and every
     stage that merges no other stage's output is planned; no output folder may exist (unless ``overwrite`` and
     auto-merge wrote it) or hold a source. A stage that merges another's output is planned once that is written.
-    ``dry_run``: plan what can be planned and write nothing. ``on_stage`` is called after each stage."""
+    ``dry_run``: plan what can be planned and write nothing; ``dry_run_memory``: the (device, GPU, host) its memory
+    plans are made for (:func:`describe_plan`; default: the CPU, this host). ``on_stage`` is called after each
+    stage."""
     source = str(path)
+    plan_device, plan_gpu, plan_host = dry_run_memory or ("cpu", None, None)
     stages = load_stages(path)
     folders = stage_folders(stages, out_dir)
     catalog = ModelCatalog(search_dirs=[Path(path).resolve().parent], allow_pickle=allow_pickle,
@@ -543,7 +547,8 @@ def run_stages(
                 recipe = rename_models(stage.recipe, {name: str(folders[name]) for name in stage.uses})
                 plan = compile_plan(recipe, catalog, source=stage_source(stage))
             if dry_run:
-                outcomes.append(StageOutcome(stage, folders[stage.name], None, describe_plan(plan, out_shard_size)))
+                outcomes.append(StageOutcome(stage, folders[stage.name], None, describe_plan(
+                    plan, out_shard_size, device=plan_device, gpu=plan_gpu, host=plan_host)))
             else:
                 note = (f"{stage.label} (document {stage.document + 1}) of the multi-stage recipe {Path(source).name}: "
                         f"`auto-merge merge {Path(source).name} OUT_DIR` makes every stage, the final merge in OUT_DIR "
