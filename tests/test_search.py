@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_workers: int = 1,
                  merging_method: dict | None = None, optimizer: str = "hyperband", name: str = "exp.yaml",
-                 baselines: bool = False, stratify: str = "none") -> Path:
+                 baselines: bool = False, stratify: str = "none", queued_per_worker: int | str = "auto") -> Path:
     block = {
         "base_model": "zoo:base",
         "models": ["zoo:num", "zoo:wrd", "zoo:col"],
@@ -35,7 +35,7 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
             "linear": {"weights": {"min": 0.0, "max": 1.0}},
         },
         "min_budget": 10, "max_budget": 30, "eta": 3,
-        "n_trials": n_trials, "n_workers": n_workers, "optimizer": optimizer,
+        "n_trials": n_trials, "n_workers": n_workers, "optimizer": optimizer, "queued_per_worker": queued_per_worker,
     }
     config = {
         "strategy": strategy,
@@ -53,6 +53,30 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
     path = folder / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def test_the_surrogate_bound_changes_no_prediction(tmp_path):
+    """The driver's random forest (its leaf bound cut to 2 n_trials + 16) predicts exactly what SMAC's default
+    (2**20 leaves, ~30x slower to fit) predicts, on as many rows as the run has trials."""
+    import numpy as np
+    from ConfigSpace import Categorical, ConfigurationSpace, Float
+    from smac import MultiFidelityFacade, Scenario
+
+    from auto_merge.search.driver import _surrogate
+
+    space = ConfigurationSpace(seed=0)
+    space.add([Float(f"x{i}", (0, 1)) for i in range(12)] + [Categorical("method", ["a", "b", "c"])])
+    scenario = Scenario(space, n_trials=90, deterministic=True, output_directory=tmp_path, min_budget=1, max_budget=9)
+    bounded, default = _surrogate(MultiFidelityFacade, scenario, 90), MultiFidelityFacade.get_model(scenario)
+    assert bounded._rf_opts["max_leaf_nodes"] == 196 and default._rf_opts["max_leaf_nodes"] == 2 ** 20
+    rows = np.array([c.get_array() for c in space.sample_configuration(90)])
+    targets = np.random.default_rng(0).random(90)
+    queries = np.array([c.get_array() for c in space.sample_configuration(2000)])
+    predictions = []
+    for model in (bounded, default):
+        model.train(rows, targets)
+        predictions.append(model.predict_marginalized(queries))
+    assert all(np.array_equal(a, b) for a, b in zip(*predictions))
 
 
 def test_hyperband_round_matches_smacs_brackets():
@@ -223,7 +247,8 @@ def test_two_dask_workers_are_kept_fed_and_a_killed_parallel_search_resumes(tmp_
     it ran, and a run killed mid-way resumes to its full count without repeating a finished trial."""
     from auto_merge.search.parallel import worker_busy
 
-    config = write_config(tmp_path, n_trials=14, n_workers=2, optimizer="successive_halving")
+    # One queued trial per worker, so that 14 trials reach the second rung whatever the timing (`auto` may queue more).
+    config = write_config(tmp_path, n_trials=14, n_workers=2, optimizer="successive_halving", queued_per_worker=1)
     log = tmp_path / "runs" / "lfs" / "trials.jsonl"
     done_before, trials = kill_and_resume(tmp_path, config, kill_after=5, n_trials=14)
     # In flight when killed: at most one running and one queued trial per worker are lost.

@@ -341,11 +341,12 @@ class SearchSettings(StrictModel):
     trial_walltime_limit: Optional[float] = Field(
         None, gt=0, description="New. Seconds after which a trial is stopped and recorded as a timeout")
     queued_per_worker: Union[Literal["auto"], int] = Field(
-        1, description="New. With several workers (n_workers > 1 or dask_scheduler): trials queued on each worker "
-                       "beyond the one it runs, so that no worker waits while the search picks the next trial; 0: a "
-                       "trial goes only to an idle worker. auto: enough to cover the search's slowest recent step "
-                       "with the recent trials' length (1 to 16), for trials much shorter than a model refit; a deep "
-                       "queue opens more successive-halving brackets at once, so fewer trials reach max_budget")
+        "auto", description="New. With several workers (n_workers > 1 or dask_scheduler): trials queued on each "
+                            "worker beyond the one it runs, so that no worker waits while the search picks the next "
+                            "trial. auto (default): enough to cover the search's slowest recent step with the recent "
+                            "trials' length (1 for trials of minutes, up to 16 for trials of a fraction of a second); "
+                            "a number: that many; 0: a trial goes only to an idle worker. A deep queue opens more "
+                            "successive-halving brackets at once, so fewer trials may reach max_budget")
     run_name: Optional[str] = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
         description="New. Folder name of this run under output_path (default: the strategy): one plain name, "

@@ -109,7 +109,26 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
         initial_design = facade.get_initial_design(
             scenario, n_configs=block.random_init_points, max_ratio=1.0,
             additional_configs=designs[: max(0, n_trials - block.random_init_points)])
+    if facade is not RandomFacade:
+        common["model"] = _surrogate(facade, scenario, n_trials)
     return facade(scenario, target, intensifier=intensifier, initial_design=initial_design, **common)
+
+
+def _surrogate(facade, scenario, n_trials: int):
+    """SMAC's default random forest, with its leaf bound cut from 2**20 to a bound that a run's data cannot reach.
+
+    scikit-learn grows a tree with a leaf bound best-first and allocates room for the bound's nodes up front: at
+    2**20 that is ~1 s per fit on this project's 2-core machines, every few trials, during which workers wait for the
+    next trial. A tree has at most one leaf per training row and SMAC trains on at most one row per trial, so any
+    bound above n_trials is never reached: the same builder then grows the same trees and SMAC suggests the same
+    configurations (tests/test_search.py checks the predictions are equal), 30x faster."""
+    model = facade.get_model(scenario)
+    options = getattr(model, "_rf_opts", None)  # SMAC 2.x's RandomForest keeps scikit-learn's options here
+    bound = 2 * max(n_trials, 1) + 16
+    if isinstance(options, dict) and isinstance(options.get("max_leaf_nodes"), int) and \
+            options["max_leaf_nodes"] > bound:
+        options["max_leaf_nodes"] = bound
+    return model
 
 
 def _with_source_strata(spec: TrialSpec, run_dir: Path, client, progress) -> TrialSpec:

@@ -2,17 +2,19 @@
 
 SMAC's own `optimize()` asks for the next trial only once a worker is free, so each worker idles while the driver
 tells SMAC the result it just returned and SMAC picks the next trial (fitting its model, optimising the acquisition).
-On short trials that is much of the time: on the demo zoo (trials of ~0.35 s) SMAC's periodic model refits take 2-3 s.
-Here each worker also holds queued trials: SMAC is asked for them while the workers run, and a worker that finishes
-starts its next trial at once. `queued_per_worker` is 1 by default; `auto` sizes the queue to cover SMAC's slowest
-recent step with the recent trials' typical length (1 for trials of minutes, up to 16 for trials of a fraction of a
-second). A deep queue has a price: each queued new configuration opens successive-halving brackets early, so a run
-of fixed n_trials completes fewer of them (bench/results/parallel_workers.txt: 2-3 trials at max_budget of 90 with
-`auto` on the demo zoo, against 5 with 0 or 1).
+On short trials that is much of the time: on the demo zoo a trial takes ~0.4 s and SMAC's step every few
+configurations ~1 s (it was 2-3 s before the driver bounded the forest's leaves, `driver._surrogate`). Here each
+worker also holds queued trials: SMAC is asked for them while the workers run, and a worker that finishes starts its
+next trial at once. `queued_per_worker` is `auto` by default: the queue covers SMAC's slowest recent step with the
+recent trials' typical length (1 for trials of minutes, up to 16 for trials of a fraction of a second). A deep queue
+has a price: each queued new configuration opens successive-halving brackets early, so a run of fixed n_trials may
+complete fewer of them (bench/results/parallel_workers.txt, demo zoo, 2 workers: 3-4 trials at max_budget with
+`auto`, 5 with none queued; workers busy 93-95 % with `auto`, 72-78 % with none queued).
 
-Nothing else changes: SMAC marks asked trials as running, so its intensifier neither repeats nor loses them; a
-successive-halving rung still promotes only once all its trials are told, and new configurations start meanwhile
-(SMAC's intensifier fills idle capacity with a new bracket rather than waiting). What differs from the synchronous
+SMAC's own state files are saved every SAVE_EVERY_SECONDS and at the end rather than after every result (a resume
+replays trials.jsonl). Nothing else changes: SMAC marks asked trials as running, so its intensifier neither repeats
+nor loses them; a successive-halving rung still promotes only once all its trials are told, and new configurations
+start meanwhile (SMAC's intensifier fills idle capacity with a new bracket rather than waiting). What differs from the synchronous
 loop is the order in which results arrive (which a search with n_workers > 1 never fixed anyway) and that a queued
 trial was chosen before the results of the trials ahead of it were known.
 """
@@ -26,11 +28,14 @@ from collections import defaultdict, deque
 from typing import Iterable
 
 MAX_QUEUED = 16  # per worker, for `auto`: beyond this, queued trials know too little of the results ahead of them
-START_QUEUED = 4  # for `auto`, until a turn and a trial have been timed (the first trials are the initial design)
+START_QUEUED = 1  # for `auto`, until a turn and a trial have been timed: deepen only once the need is measured
 HEADROOM = 1.5  # a worker's queue covers 1.5 slow turns: results wait in it untold while SMAC works
 # `auto` looks at the slowest of the recent turns (SMAC refits its model every few configurations: a window that
 # spans several refits) and at the median of the recent trials.
 _TURNS, _TRIALS = 64, 16
+# SMAC rewrites its whole run history as JSON on every tell: O(trials) per result, ~0.1 s per tell after 60 trials
+# here. A resume rests on trials.jsonl, not on that state, so the loop saves it at most this often (and at the end).
+SAVE_EVERY_SECONDS = 10.0
 
 
 class QueueDepth:
@@ -72,7 +77,7 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> No
     pending: dict = {}
     exhausted = False
     depth = QueueDepth(queued_per_worker)
-    turn_started = time.perf_counter()
+    turn_started = last_save = time.perf_counter()
     try:
         while True:
             capacity = worker_slots(client) * (1 + depth.value)
@@ -95,10 +100,14 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> No
                 info, value = future.result()
                 if value.endtime > value.starttime:
                     depth.trials.append(value.endtime - value.starttime)
-                smac.tell(info, value)
+                smac.tell(info, value, save=False)
+            if time.perf_counter() - last_save >= SAVE_EVERY_SECONDS:
+                optimizer.save()
+                last_save = time.perf_counter()
     finally:
         for future in pending:
             future.cancel()
+        optimizer.save()
     for callback in optimizer._callbacks:
         callback.on_end(optimizer)
 
