@@ -161,9 +161,9 @@ class VllmBackend:
         if overrides:  # another depth than the folder's weights: start from placeholders, replaced by `sync`
             extra = {"hf_overrides": overrides, "load_format": "dummy"}
         lm = VLLM(pretrained=options.folder, dtype=options.dtype, batch_size="auto", seed=options.seed,
-                    max_length=options.max_length, trust_remote_code=options.trust_remote_code,
-                    enforce_eager=options.enforce_eager, gpu_memory_utilization=options.gpu_memory_utilization,
-                    enable_prefix_caching=True, **extra)
+                  max_length=options.max_length, trust_remote_code=options.trust_remote_code,
+                  enforce_eager=options.enforce_eager, gpu_memory_utilization=options.gpu_memory_utilization,
+                  enable_prefix_caching=True, **extra)
         _VLLM_CLOCK.time(lm)
         return lm
 

@@ -79,43 +79,69 @@ class LLM:
     @torch.no_grad()
     def generate(self, prompts, sampling_params=None, use_tqdm=False, lora_request=None):
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        return [self._one(prompt["prompt_token_ids"], p) for prompt, p in zip(prompts, params)]
+        tokens = [list(prompt["prompt_token_ids"]) for prompt in prompts]
+        # Prompts of one length with the same parameters run as one batch (no padding, so nothing is masked).
+        groups: dict = {}
+        for index, (sequence, p) in enumerate(zip(tokens, params)):
+            key = (len(sequence), p.max_tokens, tuple(self._stops(p)), p.prompt_logprobs, p.temperature)
+            groups.setdefault(key, []).append(index)
+        results = [None] * len(prompts)
+        for indices in groups.values():
+            for index, result in zip(indices, self._batch([tokens[i] for i in indices], params[indices[0]])):
+                results[index] = result
+        return results
 
-    def _one(self, tokens, params):
-        logits = self.model(torch.tensor([tokens])).logits[0].float()
-        prompt_logprobs = None
-        if params.prompt_logprobs:
-            logprobs = torch.log_softmax(logits, dim=-1)
-            prompt_logprobs = [None]
-            for position in range(1, len(tokens)):
-                row = logprobs[position - 1]
-                top = int(row.argmax())
-                prompt_logprobs.append({tokens[position]: Logprob(float(row[tokens[position]])),
-                                        top: Logprob(float(row[top]), 1)})
-        generated = self._greedy(tokens, logits[-1], params) if params.max_tokens else []
-        text = self._tokenizer().decode(generated) if generated else ""
-        for stop in ([params.stop] if isinstance(params.stop, str) else params.stop or []):
-            if stop and stop in text:
-                text = text[:text.index(stop)]
-        return SimpleNamespace(prompt_token_ids=tokens, prompt_logprobs=prompt_logprobs,
-                               outputs=[SimpleNamespace(text=text, token_ids=generated)])
+    def _batch(self, batch, params):
+        output = self.model(torch.tensor(batch), use_cache=True)
+        logits = output.logits.float()
+        results = []
+        generated = self._greedy(logits[:, -1], output.past_key_values, params) if params.max_tokens else \
+            [[] for _ in batch]
+        for row, tokens in enumerate(batch):
+            prompt_logprobs = None
+            if params.prompt_logprobs:
+                logprobs = torch.log_softmax(logits[row], dim=-1)
+                prompt_logprobs = [None]
+                for position in range(1, len(tokens)):
+                    step = logprobs[position - 1]
+                    top = int(step.argmax())
+                    prompt_logprobs.append({tokens[position]: Logprob(float(step[tokens[position]])),
+                                            top: Logprob(float(step[top]), 1)})
+            text = self._tokenizer().decode(generated[row]) if generated[row] else ""
+            for stop in self._stops(params):
+                if stop in text:
+                    text = text[:text.index(stop)]
+            results.append(SimpleNamespace(prompt_token_ids=tokens, prompt_logprobs=prompt_logprobs,
+                                           outputs=[SimpleNamespace(text=text, token_ids=generated[row])]))
+        return results
 
-    def _greedy(self, tokens, last_logits, params):
-        stops = [params.stop] if isinstance(params.stop, str) else [s for s in params.stop or [] if s]
+    @staticmethod
+    def _stops(params) -> list[str]:
+        return [params.stop] if isinstance(params.stop, str) else [s for s in params.stop or [] if s]
+
+    def _greedy(self, logits, past, params):
+        """Greedy decoding of a batch with the key/value cache; a row stops at EOS, a stop string or max_tokens."""
+        stops = self._stops(params)
         eos = self.model.config.eos_token_id
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        generated = []
-        sequence = list(tokens)
-        logits = last_logits
-        while len(generated) < params.max_tokens:
-            token = int(logits.argmax())
-            if token in eos:
+        rows = logits.shape[0]
+        generated = [[] for _ in range(rows)]
+        done = [False] * rows
+        for _ in range(params.max_tokens):
+            tokens = logits.argmax(dim=-1).tolist()
+            for row, token in enumerate(tokens):
+                if done[row]:
+                    continue
+                if token in eos:
+                    done[row] = True
+                    continue
+                generated[row].append(token)
+                if stops and any(stop in self._tokenizer().decode(generated[row]) for stop in stops):
+                    done[row] = True
+            if all(done):
                 break
-            generated.append(token)
-            sequence.append(token)
-            if stops and any(stop in self._tokenizer().decode(generated) for stop in stops):
-                break
-            logits = self.model(torch.tensor([sequence])).logits[0, -1].float()
+            output = self.model(torch.tensor(tokens).unsqueeze(1), past_key_values=past, use_cache=True)
+            logits, past = output.logits[:, -1].float(), output.past_key_values
         return generated
 
     def _tokenizer(self):
