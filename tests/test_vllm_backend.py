@@ -224,3 +224,17 @@ def test_vllm_on_a_machine_without_a_gpu_is_refused_before_any_model_loads(tmp_p
     config = _search_config(tmp_path, device="cpu")
     done = _run_cli(["search", "--config", str(config)], tmp_path, f"{FAKE_VLLM}{os.pathsep}{REPO}")
     assert "evaluation.device is 'cpu'" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows the error of a machine without a GPU")
+def test_replaying_a_vllm_configuration_with_eval_says_why_before_merging(tmp_path, capsys):
+    from auto_merge.cli import main
+
+    found = json.loads((REPO / "search_config" / "lfs" / "best.json").read_text())
+    found["evaluation"]["vllm"] = True
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(found))
+    assert main(["replay", str(path), str(tmp_path / "model"), "--eval"]) != 0
+    error = capsys.readouterr().err
+    assert f"{path}: evaluation.vllm is true, but the vllm package is not installed" in error, error
+    assert "allowed here: false" in error and not (tmp_path / "model").exists()
