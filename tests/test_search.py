@@ -79,6 +79,30 @@ def test_the_surrogate_bound_changes_no_prediction(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(*predictions))
 
 
+def test_local_workers_take_the_gpus_in_turn(monkeypatch):
+    """On a machine with several GPUs each local worker process sees one (CUDA_VISIBLE_DEVICES, set before it
+    starts), so each worker's live model and evaluation engine (a vLLM engine too) sit on a GPU of their own."""
+    import torch
+
+    from auto_merge.search.driver import _cluster_over_gpus, worker_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert worker_gpus(None) == worker_gpus("cuda") == ["0", "1", "2"]
+    assert worker_gpus("cuda:1") == worker_gpus("cpu") == []  # the user pinned a device, or there is no GPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")
+    assert worker_gpus("auto") == ["4", "6", "7"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_gpus("auto") == []
+
+    from dask.distributed import Client
+
+    with _cluster_over_gpus(3, ["4", "6"]) as cluster, Client(cluster) as client:
+        seen = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+    assert sorted(seen.values()) == ["4", "4", "6"]
+
+
 def test_hyperband_round_matches_smacs_brackets():
     # min 100, max 1000, eta 3 (the reference's schedule): 9@111, 3@333, 1@1000 | 5@333, 1@1000 | 3@1000.
     stages = [(n, round(b, 1)) for n, b in hyperband_round(100, 1000, 3)]

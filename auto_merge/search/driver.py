@@ -151,7 +151,7 @@ def _with_source_strata(spec: TrialSpec, run_dir: Path, client, progress) -> Tri
     return dataclasses.replace(spec, strata=strata)
 
 
-def _dask_client(block, progress):
+def _dask_client(block, progress, device: str | None = None):
     if block.dask_scheduler:
         from dask.distributed import Client
 
@@ -169,11 +169,42 @@ def _dask_client(block, progress):
         # The local scheduler runs in this process, whose main thread is often busy in SMAC (model refits hold the
         # GIL for seconds): with dask's default scheduler-side queueing, a worker that finishes waits for the
         # scheduler to send its next task. Queued trials go to the workers at once instead (search/parallel.py).
+        gpus = worker_gpus(device)
         with dask.config.set({"distributed.scheduler.worker-saturation": float("inf")}):
-            cluster = LocalCluster(n_workers=block.n_workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+            if len(gpus) > 1:
+                cluster = _cluster_over_gpus(block.n_workers, gpus)
+                progress.write(f"{block.n_workers} workers over GPUs {', '.join(gpus)} (one per worker, in turn)")
+            else:
+                cluster = LocalCluster(n_workers=block.n_workers, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
         return Client(cluster), cluster
     return None, None
+
+
+def worker_gpus(device: str | None) -> list[str]:
+    """The GPUs local workers take in turn: with several visible and evaluation.device `cuda` or auto (absent), their
+    ids (from CUDA_VISIBLE_DEVICES when it is set); else none (a `cuda:N` device pins every worker to that GPU)."""
+    if device not in (None, "auto", "cuda"):
+        return []
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [item.strip() for item in visible.split(",") if item.strip()] if visible else []
+    return ids[:count] if len(ids) >= count else [str(index) for index in range(count)]
+
+
+def _cluster_over_gpus(n_workers: int, gpus: list[str]):
+    """A local cluster whose worker i sees only GPU gpus[i mod len(gpus)] (CUDA_VISIBLE_DEVICES, set before the
+    worker process starts), so each worker's live model and evaluation engine sit on a GPU of their own."""
+    from dask.distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {index: {"cls": Nanny, "options": {"nthreads": 1,
+                                                  "env": {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]}}}
+               for index in range(n_workers)}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}})
 
 
 @contextlib.contextmanager
@@ -256,7 +287,7 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
     client = cluster = None
     try:
         if block.optimizer != "cmaes":
-            client, cluster = _dask_client(block, progress)
+            client, cluster = _dask_client(block, progress, config.global_params.evaluation.device)
         if config.global_params.evaluation.stratify == "sources":
             spec = _with_source_strata(spec, run_dir, client, progress)
         if block.optimizer == "cmaes":
