@@ -308,8 +308,7 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
                 else:
                     from auto_merge.search.parallel import optimize_on_workers
 
-                    optimize_on_workers(smac, client, queued_per_worker=block.queued_per_worker)
-                    smac.optimizer.save()
+                    optimize_on_workers(smac, client, queued_per_worker=block.queued_per_worker)  # saves at its end
     except KeyboardInterrupt:
         progress.close()
         print(f"\ninterrupted: {recorder.completed} trials are saved in {run_dir}; rerun the same command to "
