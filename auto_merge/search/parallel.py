@@ -14,9 +14,9 @@ complete fewer of them (bench/results/parallel_workers.txt, demo zoo, 2 workers:
 SMAC's own state files are saved every SAVE_EVERY_SECONDS and at the end rather than after every result (a resume
 replays trials.jsonl). Nothing else changes: SMAC marks asked trials as running, so its intensifier neither repeats
 nor loses them; a successive-halving rung still promotes only once all its trials are told, and new configurations
-start meanwhile (SMAC's intensifier fills idle capacity with a new bracket rather than waiting). What differs from the synchronous
-loop is the order in which results arrive (which a search with n_workers > 1 never fixed anyway) and that a queued
-trial was chosen before the results of the trials ahead of it were known.
+start meanwhile (SMAC's intensifier fills idle capacity with a new bracket rather than waiting). What differs from the
+synchronous loop is the order in which results arrive (which a search with n_workers > 1 never fixed anyway) and that
+a queued trial was chosen before the results of the trials ahead of it were known.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def worker_slots(client) -> int:
     return max(1, sum(client.nthreads().values()))
 
 
-def optimize_on_workers(smac, client, *, queued_per_worker: int | str = 1) -> None:
+def optimize_on_workers(smac, client, *, queued_per_worker: int | str = "auto") -> None:
     """Run `smac` (a facade built without a dask client) to the end of its trial budget on `client`'s workers.
 
     Results are told in the order they finish; a trial that raises is told as crashed by SMAC's runner wrapper, like
