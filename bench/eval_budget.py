@@ -5,8 +5,8 @@ the model's forward passes, and what the per-document cache saves over a full Hy
 
 Candidates are random per-layer-group task-arithmetic merges of the zoo's three experts, written into one live model
 in place (as a search does); every trial gets a fresh candidate. The four zoo tasks are scored (zoo_num, zoo_wrd,
-zoo_col: generation + exact match; zoo_col_mc: 8-way multiple choice), so the largest task (zoo_wrd, 300 documents)
-sets the reference size: budget 300 is a full run of every task.
+zoo_col: generation + exact match; zoo_col_mc: 8-way multiple choice). The largest task sets the reference size
+(256 documents on the shipped zoo v3, where every task has 256): the largest budget is a full run of every task.
 
 1. Time per trial at each Hyperband budget (`--trials` fresh candidates each, after one warm-up trial): wall time,
    documents run, time inside the model's forward passes/generation (`_model_call`/`_model_generate`), and the share
