@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --apply-chat-template: few-shot examples as earlier turns")
     evaluate.add_argument("--log-samples", type=Path, default=None, metavar="FILE.jsonl",
                           help="also write every example (prompt, model output, target, metrics) to this file")
+    evaluate.add_argument("--vllm", action="store_true",
+                          help="score with vLLM instead of transformers (a CUDA GPU, --device cuda, and the vllm "
+                               "extra); compare the two with --log-samples")
+    evaluate.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                          help="with --vllm: vLLM's share of the GPU's memory (default 0.4)")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
@@ -430,6 +435,19 @@ def cmd_eval(args) -> int:
                               f"in (0, 1)")
     if limit is not None and limit >= 1:
         limit = int(limit)
+    vllm = None
+    if args.vllm:
+        from auto_merge.evaluation.backends import VllmOptions, vllm_problem
+
+        if free is not None:
+            raise UserFacingError("--vllm: a FREE folder scores each task with its own model; --vllm scores one model")
+        if not 0 < args.gpu_memory_utilization < 1:
+            raise UserFacingError(f"--gpu-memory-utilization {args.gpu_memory_utilization:g}: give a share in (0, 1)")
+        problem = vllm_problem(args.device, device_key="--device")
+        if problem is not None:
+            raise UserFacingError(f"--vllm: {problem}")
+        vllm = VllmOptions(str(model_path), dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                           trust_remote_code=args.trust_remote_code)
     if args.device.startswith("cuda"):
         import torch
 
@@ -460,7 +478,7 @@ def cmd_eval(args) -> int:
         for route, routed in free.routes(tasks).items():
             print(f"{', '.join(routed)}: " + (f"backbone + expert {route}" if route else "backbone alone"))
     try:
-        score = free.evaluate if free is not None else functools.partial(evaluate_checkpoint, model_path)
+        score = free.evaluate if free is not None else functools.partial(evaluate_checkpoint, model_path, vllm=vllm)
         results = score(tasks, limit=limit, batch_size=args.batch_size, device=args.device,
                         include_paths=args.include_path, dtype=args.dtype,
                         allow_code_execution=args.allow_code_execution,

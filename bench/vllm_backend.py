@@ -182,7 +182,7 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "tests" / "fake_vllm"))
         from auto_merge.evaluation import backends
 
-        backends.vllm_problem = lambda device=None: None
+        backends.vllm_problem = lambda device=None, device_key=None: None
     else:
         from auto_merge.evaluation.backends import vllm_problem
 

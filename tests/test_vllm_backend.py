@@ -42,7 +42,7 @@ def fake_vllm(monkeypatch):
     Afterwards `vllm` is out of `sys.modules` again, so `find_spec("vllm")` elsewhere sees the real machine."""
     sys.modules.update(_STASHED)
     monkeypatch.syspath_prepend(str(FAKE_VLLM))
-    monkeypatch.setattr(backends, "vllm_problem", lambda device=None: None)
+    monkeypatch.setattr(backends, "vllm_problem", lambda device=None, device_key=None: None)
     monkeypatch.setattr(backends, "_ENGINE", [])
     import vllm
 
@@ -238,3 +238,24 @@ def test_replaying_a_vllm_configuration_with_eval_says_why_before_merging(tmp_pa
     error = capsys.readouterr().err
     assert f"{path}: evaluation.vllm is true, but the vllm package is not installed" in error, error
     assert "allowed here: false" in error and not (tmp_path / "model").exists()
+
+
+def test_eval_scores_with_vllm_what_it_scores_with_transformers(fake_vllm, tmp_path, capsys):
+    from auto_merge.cli import main
+
+    args = ["eval", "--model", "zoo:num", "--tasks", "zoo_num,zoo_col_mc", "--limit", "40"]
+    assert main(args) == 0
+    with_transformers = capsys.readouterr().out
+    assert main(args + ["--vllm", "--gpu-memory-utilization", "0.3"]) == 0
+    assert capsys.readouterr().out == with_transformers
+    [engine] = fake_vllm.ENGINES
+    assert engine.kwargs["gpu_memory_utilization"] == 0.3 and engine.kwargs["model"].endswith("num")
+
+
+def test_eval_with_vllm_on_this_machine_says_why(tmp_path, capsys):
+    from auto_merge.cli import main
+
+    assert main(["eval", "--model", "zoo:num", "--tasks", "zoo_num", "--vllm", "--gpu-memory-utilization", "1.5"]) != 0
+    assert "--gpu-memory-utilization 1.5: give a share in (0, 1)" in capsys.readouterr().err
+    assert main(["eval", "--model", "zoo:num", "--tasks", "zoo_num", "--vllm"]) != 0
+    assert "--vllm: the vllm package is not installed" in capsys.readouterr().err

@@ -31,12 +31,13 @@ class BackendError(RuntimeError):
     """The asked-for evaluation backend cannot run here (not installed, no GPU)."""
 
 
-def vllm_problem(device: str | None = None) -> str | None:
-    """Why the vLLM backend cannot run on this machine, or None when it can."""
+def vllm_problem(device: str | None = None, device_key: str = "evaluation.device") -> str | None:
+    """Why the vLLM backend cannot run on this machine (or on ``device``, set by ``device_key``), or None when it
+    can."""
     if importlib.util.find_spec("vllm") is None:
         return f"the vllm package is not installed; install it with {VLLM_INSTALL}"
     if device is not None and device not in ("auto", "cuda") and not device.startswith("cuda:"):
-        return f"vLLM runs on a CUDA GPU, and evaluation.device is {device!r}"
+        return f"vLLM runs on a CUDA GPU, and {device_key} is {device!r}"
     import torch
 
     if not torch.cuda.is_available():

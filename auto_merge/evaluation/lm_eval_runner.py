@@ -466,12 +466,13 @@ def evaluate_checkpoint(path, tasks: list[str], limit=None, batch_size: int = 64
                         include_paths: list[Path] | None = None, dtype: str = "float32",
                         allow_code_execution: bool = False, allow_pickle: bool = False,
                         trust_remote_code: bool = False, chat: "ChatFormat | None" = None,
-                        samples: list | None = None) -> dict[str, dict[str, float]]:
+                        samples: list | None = None,
+                        vllm: "VllmOptions | None" = None) -> dict[str, dict[str, float]]:
     suite = TaskSuite(tasks, include_paths, allow_code_execution=allow_code_execution)
     model, tokenizer = load_checkpoint(path, dtype=dtype, device=resolve_device(device), allow_pickle=allow_pickle,
                                        trust_remote_code=trust_remote_code)
-    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size, chat=chat).evaluate(limit=limit,
-                                                                                             samples=samples)
+    return LiveEvaluator(model, tokenizer, suite, batch_size=batch_size, chat=chat,
+                         vllm=vllm).evaluate(limit=limit, samples=samples)
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]], columns: list[str]) -> str:
