@@ -196,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--vllm", action="store_true",
                           help="score with vLLM instead of transformers (a CUDA GPU, --device cuda, and the vllm "
                                "extra); compare the two with --log-samples")
-    evaluate.add_argument("--gpu-memory-utilization", type=float, default=0.4,
-                          help="with --vllm: vLLM's share of the GPU's memory (default 0.4)")
+    evaluate.add_argument("--gpu-memory-utilization", type=float, default=None,
+                          help="with --vllm: vLLM's share of the GPU's memory (default: the config's, 0.4)")
     evaluate.set_defaults(handler=cmd_eval)
     return parser
 
@@ -441,12 +441,15 @@ def cmd_eval(args) -> int:
 
         if free is not None:
             raise UserFacingError("--vllm: a FREE folder scores each task with its own model; --vllm scores one model")
-        if not 0 < args.gpu_memory_utilization < 1:
-            raise UserFacingError(f"--gpu-memory-utilization {args.gpu_memory_utilization:g}: give a share in (0, 1)")
+        share = args.gpu_memory_utilization
+        if share is None:
+            share = VllmOptions.gpu_memory_utilization
+        elif not 0 < share < 1:
+            raise UserFacingError(f"--gpu-memory-utilization {share:g}: give a share in (0, 1)")
         problem = vllm_problem(args.device, device_key="--device")
         if problem is not None:
             raise UserFacingError(f"--vllm: {problem}")
-        vllm = VllmOptions(str(model_path), dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+        vllm = VllmOptions(str(model_path), dtype=args.dtype, gpu_memory_utilization=share,
                            trust_remote_code=args.trust_remote_code)
     if args.device.startswith("cuda"):
         import torch

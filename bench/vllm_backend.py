@@ -127,9 +127,9 @@ def run(args) -> dict:
     evaluators = {"transformers": LiveEvaluator(model, tokenizer, suite, batch_size=args.batch_size)}
     startup = {"transformers": time.perf_counter() - started}
     started = time.perf_counter()
+    share = args.gpu_memory_utilization or VllmOptions.gpu_memory_utilization
     evaluators["vllm"] = LiveEvaluator(model, tokenizer, suite, vllm=VllmOptions(
-        str(folder), dtype=args.dtype, enforce_eager=args.enforce_eager,
-        gpu_memory_utilization=args.gpu_memory_utilization))
+        str(folder), dtype=args.dtype, enforce_eager=args.enforce_eager, gpu_memory_utilization=share))
     startup["vllm"] = time.perf_counter() - started
     seconds = {name: [] for name in evaluators}
     agreement, generated_tokens = [], []
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--max-gen-toks", type=int, default=256)
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="the transformers backend's batch size")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None, help="default: the config's, 0.4")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--work-dir", default=os.environ.get("TMPDIR", "/tmp") + "/auto_merge_vllm_bench")
     parser.add_argument("--json", help="also write the figures to this file")

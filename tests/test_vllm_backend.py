@@ -133,6 +133,8 @@ def test_an_engine_parameter_the_live_weights_miss_is_an_error(fake_vllm, zoo, m
 def test_settings_choose_the_backend(tmp_path):
     default = EvaluationSettings.model_validate({})
     assert vllm_options(default, tmp_path) is None
+    # The library's and the eval command's default share is the config's.
+    assert VllmOptions("any").gpu_memory_utilization == default.gpu_memory_utilization
     chosen = EvaluationSettings.model_validate({"vllm": True, "enforce_eager": False, "torch_dtype": "bfloat16",
                                                 "gpu_memory_utilization": 0.5})
     assert vllm_options(chosen, tmp_path, seed=3) == VllmOptions(str(tmp_path), dtype="bfloat16",

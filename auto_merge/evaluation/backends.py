@@ -52,7 +52,7 @@ class VllmOptions:
     folder: str  # a model folder whose config and tokenizer the engine takes (the base model)
     dtype: str = "auto"
     enforce_eager: bool = True
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: float = 0.4  # the config's default (EvaluationSettings; a test keeps them equal)
     seed: int = 0
     trust_remote_code: bool = False
     max_length: int | None = None

@@ -51,7 +51,8 @@ def search_memory_plan(config, gpu_memory: int | None, host_memory: int | None) 
     live = LiveModel(models[0].numel * DTYPE_BYTES[live_dtype], live_dtype, device)
     notes = []
     if evaluation.vllm:
-        gpu, note = _vllm_share(gpu, models[0].numel * DTYPE_BYTES[live_dtype], evaluation.gpu_memory_utilization)
+        # vLLM holds a copy of the live model, in the same dtype
+        gpu, note = _vllm_share(gpu, live.nbytes, evaluation.gpu_memory_utilization)
         notes.append(note)
     workers = getattr(block, "n_workers", 1)
     if getattr(block, "dask_scheduler", None):
