@@ -120,7 +120,8 @@ def main() -> None:
     if not plan.fits and cuda:
         print(f"\nthe plan does not fit this setting; not timing ({plan.advice})")
         return
-    device = torch.device("cuda" if cuda else "cpu")
+    # An indexed device: set_per_process_memory_fraction refuses a bare "cuda".
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if cuda:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_bytes / total), device)

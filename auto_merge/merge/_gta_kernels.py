@@ -2,7 +2,10 @@
 
 Arithmetic follows the CPU pipeline's IEEE operations step by step: divisions are ``div_rn`` (Triton's ``/`` is an
 approximate division on NVIDIA GPUs) and the launches turn floating-point contraction off (no FMA), so the same inputs
-round as they do on the CPU."""
+round as they do on the CPU.
+
+Kernel arguments avoid the names of Triton's generated argument binder (``params``, ``options``, ``specialization``):
+Triton 3.6's binder shadows an argument called ``params`` with its own dict of all arguments."""
 
 import triton
 import triton.language as tl
@@ -18,10 +21,10 @@ def task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE: 
 
 
 @triton.jit
-def keep_mask(magnitude, params, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr, RANDOM: tl.constexpr,
+def keep_mask(magnitude, table, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr, RANDOM: tl.constexpr,
               RANKED: tl.constexpr):
     """Which entries of one model's block are kept, and their keep probability (column 2, or DELLA's per entry)."""
-    row = params + model * COLUMNS
+    row = table + model * COLUMNS
     keep = (magnitude >= tl.load(row + 0)) & (magnitude <= tl.load(row + 1))
     probability = tl.load(row + 2) + tl.zeros_like(magnitude)
     if RANKED:  # DELLA, for models that drop (column 6 set): p = rho * span + floor, rho the entry's relative rank
@@ -35,8 +38,11 @@ def keep_mask(magnitude, params, seeds, rho, n, model, offsets, mask, COLUMNS: t
 
 
 @triton.jit
-def bracket_kernel(base_ptr, pointers, model0_ptr, n, query_models, lows, highs, below_counts, inside_counts,
-                   candidates, capacity, queries, RELATIVE: tl.constexpr, BLOCK: tl.constexpr):
+def bracket_kernel(base_ptr, pointers, model0_ptr, n, query_models, lows, highs, counts, candidates, capacity,
+                   queries, RELATIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per query, counts of the magnitudes below ``low``, equal to ``low``, strictly inside and equal to ``high``
+    (rows 0-3 of ``counts``), and the strictly inside ones gathered into the query's row of ``candidates``. Ties on
+    the bracket's ends are counted, not gathered: bf16 task vectors hold long runs of equal magnitudes."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     for query in range(queries):
@@ -45,9 +51,13 @@ def bracket_kernel(base_ptr, pointers, model0_ptr, n, query_models, lows, highs,
         low = tl.load(lows + query)
         high = tl.load(highs + query)
         below = ((magnitude < low) & mask).to(tl.int32)
-        inside = ((magnitude >= low) & (magnitude <= high) & mask).to(tl.int32)
-        tl.atomic_add(below_counts + query, tl.sum(below, axis=0))
-        start = tl.atomic_add(inside_counts + query, tl.sum(inside, axis=0))
+        at_low = ((magnitude == low) & mask).to(tl.int32)
+        at_high = ((magnitude == high) & (magnitude != low) & mask).to(tl.int32)
+        inside = ((magnitude > low) & (magnitude < high) & mask).to(tl.int32)
+        tl.atomic_add(counts + query, tl.sum(below, axis=0))
+        tl.atomic_add(counts + queries + query, tl.sum(at_low, axis=0))
+        tl.atomic_add(counts + 3 * queries + query, tl.sum(at_high, axis=0))
+        start = tl.atomic_add(counts + 2 * queries + query, tl.sum(inside, axis=0))
         # The gathered order varies between runs (atomics); only the sorted values are used.
         slot = start + tl.cumsum(inside, axis=0) - 1
         row = candidates + tl.cast(query, tl.int64) * capacity
@@ -55,7 +65,7 @@ def bracket_kernel(base_ptr, pointers, model0_ptr, n, query_models, lows, highs,
 
 
 @triton.jit
-def norms_kernel(base_ptr, pointers, model0_ptr, n, params, seeds, rho, partial, blocks, models,
+def norms_kernel(base_ptr, pointers, model0_ptr, n, table, seeds, rho, partial, blocks, models,
                  COLUMNS: tl.constexpr, RELATIVE: tl.constexpr, RANDOM: tl.constexpr, RANKED: tl.constexpr,
                  BLOCK: tl.constexpr):
     block = tl.program_id(0)
@@ -63,7 +73,7 @@ def norms_kernel(base_ptr, pointers, model0_ptr, n, params, seeds, rho, partial,
     mask = offsets < n
     for model in range(models):
         magnitude = tl.abs(task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE))
-        keep, _ = keep_mask(magnitude, params, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
+        keep, _ = keep_mask(magnitude, table, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
         keep = keep & mask
         row = partial + tl.cast(model, tl.int64) * 2 * blocks
         tl.store(row + block, tl.sum(tl.where(mask, magnitude, 0.0), axis=0))
@@ -71,12 +81,12 @@ def norms_kernel(base_ptr, pointers, model0_ptr, n, params, seeds, rho, partial,
 
 
 @triton.jit
-def weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr,
+def weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS: tl.constexpr,
              RELATIVE: tl.constexpr, RANDOM: tl.constexpr, RANKED: tl.constexpr, DIVIDE_BY_P: tl.constexpr):
     # (delta * keep * factor) / divide * weight, in the CPU pipeline's order (exact where factor or divide is 1).
     value = task_vector(base_ptr, pointers, model0_ptr, model, offsets, mask, RELATIVE)
-    keep, probability = keep_mask(tl.abs(value), params, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
-    row = params + model * COLUMNS
+    keep, probability = keep_mask(tl.abs(value), table, seeds, rho, n, model, offsets, mask, COLUMNS, RANDOM, RANKED)
+    row = table + model * COLUMNS
     value = tl.where(keep, value, 0.0) * tl.load(row + 3)
     divide = tl.load(row + 4) + tl.zeros_like(value)
     if DIVIDE_BY_P:  # DELLA with inverse_p: each kept entry of a dropping model divided by its own probability
@@ -86,7 +96,7 @@ def weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offse
 
 
 @triton.jit
-def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, params, seeds, rho, models, scale, output_scale, divisor,
+def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, table, seeds, rho, models, scale, output_scale, divisor,
                divisor_floor, COLUMNS: tl.constexpr, RELATIVE: tl.constexpr, RANDOM: tl.constexpr,
                RANKED: tl.constexpr, DIVIDE_BY_P: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
                BLOCK: tl.constexpr):
@@ -94,7 +104,7 @@ def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, params, seeds, rho, m
     mask = offsets < n
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for model in range(models):
-        total += weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS,
+        total += weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
                           RELATIVE, RANDOM, RANKED, DIVIDE_BY_P)
     if CONSENSUS:
         # Elected sign: copysign(1, total), i.e. -1 exactly where the sign bit is set (-0.0 included).
@@ -102,11 +112,11 @@ def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, params, seeds, rho, m
         agreeing = tl.zeros([BLOCK], dtype=tl.float32)
         weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
         for model in range(models):  # again: the second read of a block comes from the cache
-            aligned = weighted(base_ptr, pointers, model0_ptr, params, seeds, rho, n, model, offsets, mask, COLUMNS,
+            aligned = weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
                                RELATIVE, RANDOM, RANKED, DIVIDE_BY_P) * elected
             agreeing += tl.maximum(aligned, 0.0)
             if NORMALIZE:
-                weight_sum += tl.where(aligned > 0, tl.load(params + model * COLUMNS + 5), 0.0)
+                weight_sum += tl.where(aligned > 0, tl.load(table + model * COLUMNS + 5), 0.0)
         mixed = agreeing * elected
         if NORMALIZE:
             mixed = tl.math.div_rn(mixed, tl.where(tl.abs(weight_sum) >= divisor_floor, weight_sum, 1.0))

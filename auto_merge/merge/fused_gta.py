@@ -256,36 +256,37 @@ def _order_statistics(kernels, base_flat: Tensor, flats: list[Tensor], pointers:
     capacity = min(numel, int(expected * 1.5) + 4096)
     query_count = len(queries)
     candidates = torch.full((query_count, capacity), math.inf, dtype=torch.float32, device=device)
-    counters = torch.zeros(2, query_count, dtype=torch.int32, device=device)  # below, inside
+    counters = torch.zeros(4, query_count, dtype=torch.int32, device=device)  # below, at low, inside, at high
     blocks = triton_cdiv(numel, BLOCK)
-    kernels["bracket"][(blocks,)](base_flat, pointers, flats[0], numel, query_models, lows, highs, counters[0],
-                                  counters[1], candidates, capacity, query_count, RELATIVE=relative, BLOCK=BLOCK,
-                                  **LAUNCH_OPTIONS)
+    kernels["bracket"][(blocks,)](base_flat, pointers, flats[0], numel, query_models, lows, highs, counters,
+                                  candidates, capacity, query_count, RELATIVE=relative, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     # One synchronisation per tensor: the counts decide which gathered value is the answer (one transfer; float64
     # holds the int32 counts exactly).
     summary = torch.cat([counters.view(-1).to(torch.float64), lows.to(torch.float64), highs.to(torch.float64)])
     summary = summary.tolist()
-    below_counts = [int(value) for value in summary[:query_count]]
-    inside_counts = [int(value) for value in summary[query_count:2 * query_count]]
-    low_values, high_values = summary[2 * query_count:3 * query_count], summary[3 * query_count:]
-    # Per query: ("exact", None) where the bracket missed it or overflowed, ("value", v) for a run of equal values
-    # (counting was enough), ("pick", i) for the i-th smallest of its gathered candidates.
+    counts = [[int(value) for value in summary[row * query_count:(row + 1) * query_count]] for row in range(4)]
+    low_values, high_values = summary[4 * query_count:5 * query_count], summary[5 * query_count:]
+    # Per query: ("exact", None) where the bracket missed it or its inside overflowed, ("value", v) where the rank
+    # falls on a run equal to an end of the bracket (counting was enough), ("pick", i) for the i-th smallest of its
+    # gathered candidates.
     outcomes: list[tuple[str, float | int | None]] = []
     for query, (_, rank, _) in enumerate(queries):
-        below, inside = below_counts[query], inside_counts[query]
-        if not below < rank <= below + inside:
+        below, at_low, inside, at_high = (row[query] for row in counts)
+        if rank <= below or rank > below + at_low + inside + at_high:
             outcomes.append(("exact", None))
-        elif low_values[query] == high_values[query]:
+        elif rank <= below + at_low:
             outcomes.append(("value", low_values[query]))
+        elif rank > below + at_low + inside:
+            outcomes.append(("value", high_values[query]))
         elif inside > capacity:
             outcomes.append(("exact", None))
         else:
-            outcomes.append(("pick", rank - below - 1))
+            outcomes.append(("pick", rank - below - at_low - 1))
     result = torch.tensor([value if kind == "value" else math.nan for kind, value in outcomes], dtype=torch.float32,
                           device=device)
     picked = [query for query, (kind, _) in enumerate(outcomes) if kind == "pick"]
     if picked:
-        widest = max(inside_counts[query] for query in picked)
+        widest = max(counts[2][query] for query in picked)
         ordered_candidates = candidates[picked, :widest].sort(dim=1).values
         positions = torch.tensor([outcomes[query][1] for query in picked], device=device)
         result[picked] = ordered_candidates[torch.arange(len(picked), device=device), positions]
