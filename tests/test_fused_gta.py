@@ -210,8 +210,9 @@ from auto_merge.merge import _gta_kernels, fused_gta
 
 types, capability = json.loads(sys.argv[1]), int(sys.argv[2])
 first = {"COLUMNS": fused_gta._COLUMNS, "RELATIVE": True, "RANDOM": True, "RANKED": True, "DIVIDE_BY_P": True, "CONSENSUS": True,
-         "NORMALIZE": True, "BLOCK": 2048}
-second = {**first, "RELATIVE": False, "RANDOM": False, "RANKED": False, "DIVIDE_BY_P": False, "CONSENSUS": False}
+         "NORMALIZE": True, "BLOCK": 2048, "TILES": 16}
+second = {**first, "RELATIVE": False, "RANDOM": False, "RANKED": False, "DIVIDE_BY_P": False, "CONSENSUS": False,
+          "TILES": 1}
 found = {}
 for name, argument_types, flags in [(n, t, f) for f in (first, second) for n, t in types.items()]:
     kernel = _gta_kernels.KERNELS[name]
@@ -260,3 +261,18 @@ def test_kernel_arguments_avoid_the_names_of_tritons_argument_binder():
     binder_locals = {"params", "options", "specialization"}
     for name, kernel in _gta_kernels.KERNELS.items():
         assert not binder_locals & set(kernel.arg_names), name
+
+
+@pytest.mark.parametrize("tiles", [4, 16])
+def test_bracket_programs_covering_several_blocks_count_and_gather_the_same(tiles, monkeypatch):
+    """Large tensors run the bracket kernel with several blocks per program (one atomic per counter per program);
+    here forced onto a small tensor whose last program is partly past its end, bf16 so the bracket ends on runs."""
+    base, experts = models(LARGE)
+    base, experts = base.to(torch.bfloat16), [expert.to(torch.bfloat16) for expert in experts]
+    monkeypatch.setattr(fused_gta, "bracket_tiles", lambda numel: tiles)
+    exact_searches = []
+    exact = sparsify.kth_smallest
+    monkeypatch.setattr(sparsify, "kth_smallest", lambda *a: exact_searches.append(1) or exact(*a))
+    for method, params in [("ties", per_model(density=0.4)), ("breadcrumbs", per_model(density=0.8, gamma=0.05))]:
+        assert_same(fused(method, base, experts, {}, params), merge_tensor(method, experts, base, {}, params))
+    assert not exact_searches

@@ -184,6 +184,15 @@ def _keep_rules(sparsifier: str, params: ResolvedParams, numel: int):
     return columns, queries, scaled
 
 
+def bracket_tiles(numel: int) -> int:
+    """Blocks per program of the bracket kernel: 16 where that still leaves about a thousand programs to fill the GPU
+    (fewer atomics), else 4 or 1 (a few compiled variants only)."""
+    for tiles in (16, 4):
+        if numel >= tiles * BLOCK * 1024:
+            return tiles
+    return 1
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -200,16 +209,17 @@ def _della_relative_ranks(base: Tensor, flats: list[Tensor], relative: bool, ran
             continue
         magnitudes = _magnitudes(base.reshape(-1), flat, relative)
         grouped = magnitudes.view(1, -1) if len(shape) <= 1 else magnitudes.view(shape).movedim(1, -1)
+        target = rho[model].view(1, -1) if len(shape) <= 1 else rho[model].view(shape).movedim(1, -1)
         length = grouped.shape[-1]
         if length > 1:
             order = grouped.argsort(dim=-1, stable=True)
-            positions = torch.arange(length, device=base.device).expand_as(order)
-            relative_rank = torch.empty_like(order).scatter_(-1, order, positions).to(torch.float32).div_(length - 1)
+            del magnitudes, grouped
+            # Each rank's rho (fp32 rank / (length - 1), exact integers first) scattered straight into its row: no
+            # int64 rank tensor, no conversion pass.
+            positions = torch.arange(length, dtype=torch.float32, device=base.device).div_(length - 1)
+            target.scatter_(-1, order, positions.expand_as(order))
         else:
-            relative_rank = torch.full(grouped.shape, 0.5, device=base.device)
-        if len(shape) > 1:
-            relative_rank = relative_rank.movedim(-1, 1)
-        rho[model].view(relative_rank.shape).copy_(relative_rank)
+            target.fill_(0.5)
     return rho
 
 
@@ -257,9 +267,11 @@ def _order_statistics(kernels, base_flat: Tensor, flats: list[Tensor], pointers:
     query_count = len(queries)
     candidates = torch.full((query_count, capacity), math.inf, dtype=torch.float32, device=device)
     counters = torch.zeros(4, query_count, dtype=torch.int32, device=device)  # below, at low, inside, at high
-    blocks = triton_cdiv(numel, BLOCK)
-    kernels["bracket"][(blocks,)](base_flat, pointers, flats[0], numel, query_models, lows, highs, counters,
-                                  candidates, capacity, query_count, RELATIVE=relative, BLOCK=BLOCK, **LAUNCH_OPTIONS)
+    tiles = bracket_tiles(numel)
+    programs = triton_cdiv(numel, BLOCK * tiles)
+    kernels["bracket"][(programs,)](base_flat, pointers, flats[0], numel, query_models, lows, highs, counters,
+                                    candidates, capacity, query_count, RELATIVE=relative, BLOCK=BLOCK, TILES=tiles,
+                                    **LAUNCH_OPTIONS)
     # One synchronisation per tensor: the counts decide which gathered value is the answer (one transfer; float64
     # holds the int32 counts exactly).
     summary = torch.cat([counters.view(-1).to(torch.float64), lows.to(torch.float64), highs.to(torch.float64)])
