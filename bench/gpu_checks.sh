@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every GPU figure issue 14 asks for, in one run that fits a short GPU slot (about 10 minutes on an H100/H200):
+# Every GPU figure issue 14 asks for, in one run that fits a short GPU slot (about 5 minutes on an H200, measured 2026-12-04):
 #   1. the CUDA tests (fused TIES/DARE/DELLA kernels, the streamed memory-plan path on the GPU);
-#   2. bench/materialise.py at the Llama-2-7B shape, bf16 (goal: <= 250 ms per TIES/DARE/DELLA candidate);
+#   2. bench/materialise.py at the Llama-2-7B shape, bf16 (goal: <= 250 ms per TIES/DARE/DELLA candidate), then one
+#      profiled candidate per GTA method;
 #   3. bench/memory_plan_13b.py: the 13B x (base + 3 experts) plan's candidate time on the GPU;
 #   4. bench/vllm_backend.py (vLLM against transformers), only where vllm imports.
 # Each step has its own time limit, and its log and JSON go to $OUT (default bench/results/gpu), so a step that
@@ -29,6 +30,7 @@ if [ "${1:-}" = "--cpu-check" ]; then
     step tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory_plan.py -x
     step materialise 300 $PY bench/materialise.py --config tiny --candidates 2 --methods linear ties --paths recipe \
         --json "$OUT/materialise.json"
+    step profile 300 $PY bench/materialise.py --config tiny --candidates 1 --methods ties --paths recipe --profile
     step plan13b 300 $PY bench/memory_plan_13b.py --shape tiny --candidates 1 --json "$OUT/plan13b.json"
     step vllm 300 $PY bench/vllm_backend.py --shape tiny --cpu-check --examples 8 --max-gen-toks 16 --trials 1 \
         --json "$OUT/vllm.json"
@@ -38,6 +40,9 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(tor
     | tee -a "$OUT/summary.txt" || exit 1
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory_plan.py
 step materialise 200 $PY bench/materialise.py --device cuda --candidates 3 --paths recipe --json "$OUT/materialise.json"
+# Where the GTA methods' time goes (torch.profiler: kernels by GPU time, host calls by CPU time).
+step profile 150 $PY bench/materialise.py --device cuda --candidates 1 --paths recipe --methods ties dare_ties della \
+    --profile
 step plan13b 200 $PY bench/memory_plan_13b.py --candidates 2 --json "$OUT/plan13b.json"
 if $PY -c "import vllm" >/dev/null 2>&1; then
     step vllm 300 $PY bench/vllm_backend.py --shape 7b --json "$OUT/vllm.json"
