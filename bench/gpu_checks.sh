@@ -38,7 +38,7 @@ if [ "${1:-}" = "--cpu-check" ]; then
 fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" \
     | tee -a "$OUT/summary.txt" || exit 1
-step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory_plan.py
+step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory_plan.py tests/test_fused_gta.py
 step materialise 200 $PY bench/materialise.py --device cuda --candidates 3 --paths recipe --json "$OUT/materialise.json"
 # Where the GTA methods' time goes (torch.profiler: kernels by GPU time, host calls by CPU time).
 step profile 150 $PY bench/materialise.py --device cuda --candidates 1 --paths recipe --methods ties dare_ties della \
