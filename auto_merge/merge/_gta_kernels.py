@@ -120,24 +120,35 @@ def mix_kernel(base_ptr, pointers, model0_ptr, out_ptr, n, table, seeds, rho, mo
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    for model in range(models):
-        total += weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
-                          RELATIVE, RANDOM, RANKED, DIVIDE_BY_P)
     if CONSENSUS:
-        # Elected sign: copysign(1, total), i.e. -1 exactly where the sign bit is set (-0.0 included).
-        elected = tl.where(total.to(tl.int32, bitcast=True) < 0, -1.0, 1.0)
-        agreeing = tl.zeros([BLOCK], dtype=tl.float32)
-        weight_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        for model in range(models):  # again: the second read of a block comes from the cache
-            aligned = weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
-                               RELATIVE, RANDOM, RANKED, DIVIDE_BY_P) * elected
-            agreeing += tl.maximum(aligned, 0.0)
+        # One pass: each model's weighted task vector is computed once (its loads, Philox draws and divisions), and
+        # the sums for either elected sign are kept; the sign then picks one. The adds run in model order as on the
+        # CPU (the other sign's terms add exact zeros), so the result is the same as a second pass's.
+        positive = tl.zeros([BLOCK], dtype=tl.float32)
+        negative = tl.zeros([BLOCK], dtype=tl.float32)
+        positive_weight = tl.zeros([BLOCK], dtype=tl.float32)
+        negative_weight = tl.zeros([BLOCK], dtype=tl.float32)
+        for model in range(models):
+            value = weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
+                             RELATIVE, RANDOM, RANKED, DIVIDE_BY_P)
+            total += value
+            positive += tl.maximum(value, 0.0)
+            negative += tl.maximum(-value, 0.0)
             if NORMALIZE:
-                weight_sum += tl.where(aligned > 0, tl.load(table + model * COLUMNS + 5), 0.0)
-        mixed = agreeing * elected
+                weight = tl.load(table + model * COLUMNS + 5)
+                positive_weight += tl.where(value > 0, weight, 0.0)
+                negative_weight += tl.where(value < 0, weight, 0.0)
+        # Elected sign: copysign(1, total), i.e. -1 exactly where the sign bit is set (-0.0 included).
+        elected_negative = total.to(tl.int32, bitcast=True) < 0
+        elected = tl.where(elected_negative, -1.0, 1.0)
+        mixed = tl.where(elected_negative, negative, positive) * elected
         if NORMALIZE:
+            weight_sum = tl.where(elected_negative, negative_weight, positive_weight)
             mixed = tl.math.div_rn(mixed, tl.where(tl.abs(weight_sum) >= divisor_floor, weight_sum, 1.0))
     else:
+        for model in range(models):
+            total += weighted(base_ptr, pointers, model0_ptr, table, seeds, rho, n, model, offsets, mask, COLUMNS,
+                              RELATIVE, RANDOM, RANKED, DIVIDE_BY_P)
         mixed = total
         if NORMALIZE:
             mixed = tl.math.div_rn(mixed, divisor)
