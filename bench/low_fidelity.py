@@ -4,8 +4,10 @@
 
 Samples `--configs` configurations of the demo LFS space (exp_config/config_lfs.yaml; seeded), scores each on every
 example once (per-example results), and then, without running the model again, scores each at the given budgets as
-each option would select the examples: `none` (a seeded random prefix of each task) and `sources` (strata by how the
-base and each expert answer, `auto_merge/evaluation/budget.py`), for each order seed (the run's random_seed).
+each option would select the examples: `none` (a seeded random prefix of each task), `sources` (strata by how the
+base and each expert answer, `auto_merge/evaluation/budget.py`) and `irt` (`none`'s prefix, each example weighted by
+its discrimination as estimated from the candidates scored before: `irt_scores`), for each order seed (the run's
+random_seed).
 Prints the Spearman rank correlation between the low-budget and the full-budget scores over all sampled
 configurations and over the best third (by full score: the close calls a late rung decides), mean and range over
 the order seeds, and the mean absolute error of the low-budget score.
@@ -26,6 +28,35 @@ REPO = Path(__file__).resolve().parents[1]
 def spearman(xs: list[float], ys: list[float]) -> float:
     value = spearman_or_none(xs, ys)
     return 0.0 if value is None else value  # a constant column counts as no information
+
+
+# `irt`: the prefix of `none`, each example weighted by its discrimination (the slope of a 2PL item response model,
+# whose sufficient statistic for a candidate's ability is the discrimination-weighted sum of its answers), estimated
+# as the point-biserial correlation of the example's answers with the rest of the task's score over the candidates
+# scored before (as a search would know them), floored at IRT_FLOOR; uniform until IRT_WARMUP candidates are known
+# and for examples that every earlier candidate answered alike.
+IRT_WARMUP = 8
+IRT_FLOOR = 0.05
+
+
+def irt_scores(values: list[dict], selection: dict) -> list[float]:
+    scores = []
+    for index, per_task in enumerate(values):
+        task_scores = []
+        for task, refs in selection.items():
+            answers = [float(per_task[task][ref]) for ref in refs]
+            weights = [1.0] * len(refs)
+            if index >= IRT_WARMUP:
+                earlier = [[float(v[task][ref]) for ref in refs] for v in values[:index]]
+                totals = [sum(row) for row in earlier]
+                for column in range(len(refs)):
+                    item = [row[column] for row in earlier]
+                    rest = [total - value for total, value in zip(totals, item)]
+                    if len(set(item)) > 1 and len(set(rest)) > 1:
+                        weights[column] = max(IRT_FLOOR, statistics.correlation(item, rest))
+            task_scores.append(sum(w * a for w, a in zip(weights, answers)) / sum(weights))
+        scores.append(statistics.fmean(task_scores))
+    return scores
 
 
 def main() -> None:
@@ -71,13 +102,16 @@ def main() -> None:
           f"range {min(full):.3f}-{max(full):.3f}; best third {min(full[i] for i in top):.3f}-{max(full):.3f}")
     print("option    budget   rank corr. (all): mean [min, max]   rank corr. (best third): mean [min, max]   "
           "mean |low - full|")
-    for option in ("none", "sources"):
+    for option in ("none", "sources", "irt"):
         for budget in args.budgets:
             all_corr, top_corr, errors = [], [], []
             for seed in args.order_seeds:
                 subsets = NestedSubsets(documents, seed, rule, strata if option == "sources" else None)
                 selection = subsets.select(budget)
-                low = [score(v, selection) for v in values]
+                if option == "irt":
+                    low = irt_scores(values, selection)
+                else:
+                    low = [score(v, selection) for v in values]
                 all_corr.append(spearman(low, full))
                 top_corr.append(spearman([low[i] for i in top], [full[i] for i in top]))
                 errors.append(statistics.fmean(abs(a - b) for a, b in zip(low, full)))
