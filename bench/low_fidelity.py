@@ -6,8 +6,9 @@ Samples `--configs` configurations of the demo LFS space (exp_config/config_lfs.
 example once (per-example results), and then, without running the model again, scores each at the given budgets as
 each option would select the examples: `none` (a seeded random prefix of each task), `sources` (strata by how the
 base and each expert answer, `auto_merge/evaluation/budget.py`) and `irt` (`none`'s prefix, each example weighted by
-its discrimination as estimated from the candidates scored before: `irt_scores`), for each order seed (the run's
-random_seed).
+its discrimination as estimated from the candidates scored before: `irt_scores`) and `neighbours` (`none`'s prefix,
+the other examples filled in from the most similar earlier candidate's cached answers: `neighbour_scores`), for each
+order seed (the run's random_seed).
 Prints the Spearman rank correlation between the low-budget and the full-budget scores over all sampled
 configurations and over the best third (by full score: the close calls a late rung decides), mean and range over
 the order seeds, and the mean absolute error of the low-budget score.
@@ -59,6 +60,29 @@ def irt_scores(values: list[dict], selection: dict) -> list[float]:
     return scores
 
 
+def neighbour_scores(values: list[dict], selection: dict, documents: dict) -> list[float]:
+    """`neighbours`: the prefix of `none`, and each task's examples outside it filled in with the answers of the
+    earlier candidate that agrees most with this one on the prefix (the cached results of the most related
+    configuration). Optimistic: here every earlier candidate has every answer, in a search only the promoted ones."""
+    scores = []
+    for index, per_task in enumerate(values):
+        neighbour = None
+        if index >= IRT_WARMUP:
+            agreement = [sum(float(v[task][ref]) == float(per_task[task][ref])
+                             for task, refs in selection.items() for ref in refs) for v in values[:index]]
+            neighbour = values[max(range(index), key=lambda j: (agreement[j], j))]
+        task_scores = []
+        for task, refs in selection.items():
+            if neighbour is None:
+                task_scores.append(statistics.fmean(float(per_task[task][ref]) for ref in refs))
+                continue
+            chosen = set(refs)
+            task_scores.append(statistics.fmean(float((per_task if ref in chosen else neighbour)[task][ref])
+                                                for ref in documents[task]))
+        scores.append(statistics.fmean(task_scores))
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=80)
@@ -100,9 +124,9 @@ def main() -> None:
     top = sorted(range(len(values)), key=lambda i: full[i], reverse=True)[: max(3, len(values) // 3)]
     print(f"{len(values)} configurations of the demo LFS space; full-budget score mean {statistics.fmean(full):.3f}, "
           f"range {min(full):.3f}-{max(full):.3f}; best third {min(full[i] for i in top):.3f}-{max(full):.3f}")
-    print("option    budget   rank corr. (all): mean [min, max]   rank corr. (best third): mean [min, max]   "
+    print("option      budget   rank corr. (all): mean [min, max]   rank corr. (best third): mean [min, max]   "
           "mean |low - full|")
-    for option in ("none", "sources", "irt"):
+    for option in ("none", "sources", "irt", "neighbours"):
         for budget in args.budgets:
             all_corr, top_corr, errors = [], [], []
             for seed in args.order_seeds:
@@ -110,12 +134,14 @@ def main() -> None:
                 selection = subsets.select(budget)
                 if option == "irt":
                     low = irt_scores(values, selection)
+                elif option == "neighbours":
+                    low = neighbour_scores(values, selection, documents)
                 else:
                     low = [score(v, selection) for v in values]
                 all_corr.append(spearman(low, full))
                 top_corr.append(spearman([low[i] for i in top], [full[i] for i in top]))
                 errors.append(statistics.fmean(abs(a - b) for a, b in zip(low, full)))
-            print(f"{option:8} {budget:7.1f}   {statistics.fmean(all_corr):.2f} [{min(all_corr):.2f}, "
+            print(f"{option:10} {budget:7.1f}   {statistics.fmean(all_corr):.2f} [{min(all_corr):.2f}, "
                   f"{max(all_corr):.2f}]{'':18}{statistics.fmean(top_corr):.2f} [{min(top_corr):.2f}, "
                   f"{max(top_corr):.2f}]{'':24}{statistics.fmean(errors):.3f}", flush=True)
 
