@@ -5,14 +5,15 @@ Same semantics as :func:`auto_merge.merge.methods.task_arithmetic.gta_merge` (se
 whole-tensor operations on fp32 copies:
 
 1. thresholds (magnitude trims): a strided sample of each task vector brackets the wanted order statistics (as on the
-   CPU); one kernel counts, per query, the magnitudes below the bracket and gathers those inside it (a few percent),
-   and a sort of the gathered values gives the exact k-th value. A missed bracket falls back to the exact whole-tensor
-   search, so results never depend on the sample.
+   CPU); one kernel counts, per query, the magnitudes below the bracket and on each of its ends, and gathers those
+   strictly inside it (a few percent), and a sort of the gathered values gives the exact k-th value (a rank on an
+   end's run of equal values, common in bf16 task vectors, is that end). A missed bracket falls back to the exact
+   whole-tensor search, so results never depend on the sample.
 2. L1 norms, only when ``rescale_mode`` is ``l1`` (DARE's and DELLA's default): per-block partial sums of ``|delta|``
    and of the kept ``|delta|``, added in float64 in a fixed order (deterministic).
-3. one mixing kernel: per element and model, the task vector, its keep decision, the rescale and the weight; the
-   elected sign; the disjoint (or plain) mean; ``base + lambda * mixed``, times ``output_scale``, cast into the
-   target's dtype.
+3. one mixing kernel: per element and model (once each), the task vector, its keep decision, the rescale and the
+   weight; the elected sign; the disjoint (or plain) mean; ``base + lambda * mixed``, times ``output_scale``, cast
+   into the target's dtype.
 
 Task vectors are read as stored: ``x_i - base`` from the models' tensors in their own dtype, or (``relative``) the
 resident bf16/fp16 task vectors themselves, never rebuilt as fp32 tensors. DARE's and DELLA's keep masks come from
