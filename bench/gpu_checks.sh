@@ -40,6 +40,9 @@ if [ "${1:-}" = "--cpu-check" ]; then
 fi
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name())" \
     | tee -a "$OUT/summary.txt" || exit 1
+# The versions this run used (the image's and the carried wheels'), for reading its figures later.
+$PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|transformers|huggingface.hub|tokenizers|datasets|pyarrow|numpy|lm.eval|smac|dask) " \
+    | tee -a "$OUT/summary.txt"
 step tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_memory_plan.py tests/test_fused_gta.py
 step materialise 200 $PY bench/materialise.py --device cuda --candidates 3 --paths recipe --json "$OUT/materialise.json"
 # Where the GTA methods' time goes (torch.profiler: kernels by GPU time, host calls by CPU time).
