@@ -23,19 +23,17 @@ import time
 from pathlib import Path
 
 import yaml
+from demo_config import demo_lfs_config
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_DEMO_LEAD_POINTS = 33.2  # README, `python merge.py --config exp_config/config_lfs.yaml` on the 2-core CPU machine
 
 
 def write_config(out: Path, device: str, dtype: str, trials: int | None) -> Path:
-    strategy = yaml.safe_load((REPO / "exp_config" / "lfs.yaml").read_text())
+    config, strategy = demo_lfs_config(out)
     if trials is not None:
         strategy.update(n_trials=trials, total_budget=0)
-    config = yaml.safe_load((REPO / "exp_config" / "config_lfs.yaml").read_text().replace("!include", ""))
-    config["global_params"].update(output_path=str(out))
-    evaluation = config["global_params"]["evaluation"]
-    evaluation.update(device=device, torch_dtype=dtype, include_path=str(REPO / "custom_tasks"))
+    config["global_params"]["evaluation"].update(device=device, torch_dtype=dtype)
     config["strategies"] = {"lfs": strategy}
     path = out / f"config_lfs_{device.replace(':', '_')}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -34,9 +34,9 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 # `irt`: the prefix of `none`, each example weighted by its discrimination (the slope of a 2PL item response model,
 # whose sufficient statistic for a candidate's ability is the discrimination-weighted sum of its answers), estimated
 # as the point-biserial correlation of the example's answers with the rest of the task's score over the candidates
-# scored before (as a search would know them), floored at IRT_FLOOR; uniform until IRT_WARMUP candidates are known
+# scored before (as a search would know them), floored at IRT_FLOOR; uniform until HISTORY_WARMUP candidates are known
 # and for examples that every earlier candidate answered alike.
-IRT_WARMUP = 8
+HISTORY_WARMUP = 8
 IRT_FLOOR = 0.05
 
 
@@ -47,7 +47,7 @@ def irt_scores(values: list[dict], selection: dict) -> list[float]:
         for task, refs in selection.items():
             answers = [float(per_task[task][ref]) for ref in refs]
             weights = [1.0] * len(refs)
-            if index >= IRT_WARMUP:
+            if index >= HISTORY_WARMUP:
                 earlier = [[float(v[task][ref]) for ref in refs] for v in values[:index]]
                 totals = [sum(row) for row in earlier]
                 for column in range(len(refs)):
@@ -67,7 +67,7 @@ def neighbour_scores(values: list[dict], selection: dict, documents: dict) -> li
     scores = []
     for index, per_task in enumerate(values):
         neighbour = None
-        if index >= IRT_WARMUP:
+        if index >= HISTORY_WARMUP:
             agreement = [sum(float(v[task][ref]) == float(per_task[task][ref])
                              for task, refs in selection.items() for ref in refs) for v in values[:index]]
             neighbour = values[max(range(index), key=lambda j: (agreement[j], j))]

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from demo_config import demo_lfs_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def hypervolume(points: list[tuple[float, ...]]) -> float:
@@ -42,13 +42,11 @@ def hypervolume(points: list[tuple[float, ...]]) -> float:
 
 
 def write_config(folder: Path, optimizer: str, seed: int, total_examples: float, full_examples: int) -> Path:
-    block = yaml.safe_load((REPO / "exp_config" / "lfs.yaml").read_text())
+    config, block = demo_lfs_config(folder)
     block.update(optimizer=optimizer, n_trials=0, total_budget=total_examples / full_examples * block["max_budget"],
                  run_name=f"mo-{optimizer}-seed{seed}")
-    config = yaml.safe_load((REPO / "exp_config" / "config_lfs.yaml").read_text().replace("!include", ""))
     config["strategy"] = "lfs_multiobj"
-    config["global_params"].update(random_seed=seed, output_path=str(folder), baselines=False)
-    config["global_params"]["evaluation"]["include_path"] = str(REPO / "custom_tasks")
+    config["global_params"].update(random_seed=seed, baselines=False)
     config["strategies"] = {"lfs_multiobj": block}
     path = folder / f"{block['run_name']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

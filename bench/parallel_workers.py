@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import yaml
+from demo_config import demo_lfs_config
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -40,10 +40,8 @@ def main() -> None:
     from auto_merge.search.parallel import worker_busy
 
     args.out.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((REPO / "exp_config" / "config_lfs.yaml").read_text().replace("!include", ""))
-    block = yaml.safe_load((REPO / "exp_config" / "lfs.yaml").read_text())
-    config["global_params"]["evaluation"]["include_path"] = str(REPO / "custom_tasks")
-    config["global_params"].update(output_path=str(args.out), baselines=False)
+    config, block = demo_lfs_config(args.out)
+    config["global_params"]["baselines"] = False
     print(f"{os.cpu_count()} CPUs; {args.workers} workers; {args.n_trials} trials of the demo LFS search", flush=True)
     for seed in args.seeds:
         for queued in args.queued:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from demo_config import demo_lfs_config
 
 REPO = Path(__file__).resolve().parents[1]
 OPTIMIZERS = ("hyperband", "successive_halving", "random", "bo", "cmaes")
@@ -32,15 +33,13 @@ OPTIMIZERS = ("hyperband", "successive_halving", "random", "bo", "cmaes")
 def write_config(folder: Path, variant: str, seed: int, total_examples: float, full_examples: int) -> Path:
     """`variant`: an optimizer, or OPTIMIZER:STRATIFY (evaluation.stratify, e.g. successive_halving:sources)."""
     optimizer, _, stratify = variant.partition(":")
-    base = yaml.safe_load((REPO / "exp_config" / "lfs.yaml").read_text())
+    config, base = demo_lfs_config(folder)
     # total_budget is in budget units: one full evaluation = max_budget units = full_examples examples.
     base.update(optimizer=optimizer, n_trials=0,
                 total_budget=total_examples / full_examples * base["max_budget"],
                 run_name=f"{variant.replace(':', '-')}-seed{seed}")
-    config = yaml.safe_load((REPO / "exp_config" / "config_lfs.yaml").read_text().replace("!include", ""))
     # The reference points come from `auto-merge zoo report`; the search's own baselines would only repeat them.
-    config["global_params"].update(random_seed=seed, output_path=str(folder), baselines=False)
-    config["global_params"]["evaluation"]["include_path"] = str(REPO / "custom_tasks")
+    config["global_params"].update(random_seed=seed, baselines=False)
     config["global_params"]["evaluation"]["stratify"] = stratify or "none"
     config["strategies"] = {"lfs": base}
     path = folder / f"{base['run_name']}.yaml"
