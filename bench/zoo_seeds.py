@@ -8,7 +8,8 @@ Each zoo is built with the project's recipe into ``OUT_DIR/seed<N>-<variant>`` (
 ``ATEN_CPU_CAPABILITY=default``, torch's portable kernels, else ``native``; a finished build is reused) and scored
 there. Prints each report table and a summary line per seed: the weakest expert on its own task (bar ≥ 0.95), the
 best random per-group merge against the best expert (bar ≥ +10 points) and against the best uniform task arithmetic
-(bar ≥ +5).
+(bar ≥ +5), and the depth bar on the four tasks: the layer expert `cap` on its own task (≥ 0.95), the best stack
+deeper than the base against the best expert (≥ +5), with the best same-depth stack beside it for comparison.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     import torch
 
     from auto_merge.zoo.build import ensure_zoo
-    from auto_merge.zoo.report import EXPERTS, OWN_TASK, run_report
+    from auto_merge.zoo.report import EXPERTS, LAYER_EXPERT, OWN_TASK, run_report
 
     variant = "default" if os.environ.get("ATEN_CPU_CAPABILITY") == "default" else "native"
     print(f"kernels: {variant} ({torch.backends.cpu.get_cpu_capability()})", flush=True)
@@ -71,6 +72,13 @@ def main() -> None:
             "best_random": [report.best_random.label, report.best_random.mean],
             "merge_gain_points": 100 * report.merge_gain,
             "search_gain_points": 100 * report.search_gain,
+            "layer_expert_own": report.row(LAYER_EXPERT).scores[OWN_TASK[LAYER_EXPERT]],
+            "best_expert_of_four": [report.best_expert_of_four.label, report.best_expert_of_four.depth_mean],
+            "best_deeper_stack": [report.best_deeper_stack.label, report.best_deeper_stack.depth_mean],
+            "best_same_depth_stack": max(([r.label, r.depth_mean] for r in report.stacks
+                                          if r.setting["depth"] == r.setting["base_depth"]), key=lambda x: x[1]),
+            "depth_gain_points": 100 * report.depth_gain,
+            "depth_pays": report.depth_pays,
             "quality_bar_met": report.quality_bar_met,
         })
     print("seed  variant  base hash     weakest own  best expert   best uniform TA       best random             "
@@ -81,6 +89,14 @@ def main() -> None:
               f"{s['best_uniform_ta'][1]:.3f} ({s['best_uniform_ta'][0]})  "
               f"{s['best_random'][1]:.3f} ({s['best_random'][0]})  {s['merge_gain_points']:+6.1f}  "
               f"{s['search_gain_points']:+6.1f}  {'met' if s['quality_bar_met'] else 'NOT met'}")
+    print("\nseed  variant  cap own  best expert (4 tasks)  best deeper stack              same-depth stack"
+          "               depth gain  bar")
+    for s in summary:
+        print(f"{s['seed']:>4}  {s['variant']:7s}  {s['layer_expert_own']:.3f}    "
+              f"{s['best_expert_of_four'][1]:.3f} ({s['best_expert_of_four'][0]})          "
+              f"{s['best_deeper_stack'][1]:.3f} ({s['best_deeper_stack'][0]})  "
+              f"{s['best_same_depth_stack'][1]:.3f} ({s['best_same_depth_stack'][0]})  "
+              f"{s['depth_gain_points']:+6.1f}      {'met' if s['depth_pays'] else 'NOT met'}")
     met = sum(s["quality_bar_met"] for s in summary)
     print(f"quality bar met on {met} of {len(summary)} seeds ({variant} kernels)")
     if args.json:

@@ -415,6 +415,15 @@ def test_depth_configs_are_checked_before_any_model_is_loaded(tmp_path):
     config = load_experiment(write_config(tmp_path, "dis", {"layers": 20, "layer_granularity": 2, "repeat": 2,
                                                             "fix_layers": 1}))
     assert (config.selected.repeat, config.selected.layer_granularity) == (2, 2)
+    # The position scales' range reaches the search space; a range that is not one is refused by name.
+    config = load_experiment(write_config(tmp_path, "dis", {"layers": 12, "scale_range": [0.8, 1.2]}))
+    from auto_merge.strategies import build_strategy
+
+    space = build_strategy(config).build_space()
+    assert (space["scale_0"].lower, space["scale_0"].upper) == (0.8, 1.2)
+    with pytest.raises(ConfigError, match=r"strategies\.dis\.scale_range: \[1\.2, 0\.8\] is not a range.*"
+                                          r"0 <= low < high"):
+        load_experiment(write_config(tmp_path, "dis", {"layers": 12, "scale_range": [1.2, 0.8]}))
     with pytest.raises(ConfigError, match=r"strategies\.dis\.layer_granularity: 4 does not divide the 6 searched "
                                           r"layers.*one of \[1, 2, 3, 6\]"):
         load_experiment(write_config(tmp_path, "dis", {"layers": 20, "layer_granularity": 4, "fix_layers": 1}))

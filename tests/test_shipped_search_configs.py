@@ -58,6 +58,22 @@ def test_shipped_configuration_reproduces_its_recorded_scores(name, tmp_path):
     assert report["scores"] == pytest.approx(recorded, abs=0.01)
 
 
+def test_the_shipped_dis_winner_holds_two_skills_which_no_expert_does():
+    """The DIS demo's winner stacks zoo:col's first layers (its embeddings carry the colours) under zoo:cap's late
+    layers (they carry the codes): both skills, where each expert has one (col 1.0 / cap 0.0 and col 0.5 / cap 1.0,
+    `auto-merge zoo report`), so its mean beats the best expert's 0.625 by more than 10 points."""
+    data = json.loads((REPO / "search_config" / "dis" / "best.json").read_text())
+    assert data["strategy"]["models"] == ["zoo:col", "zoo:cap"]
+    scores = data["scores"]
+    assert scores["zoo_col"] >= 0.95 and scores["zoo_cap"] >= 0.95
+    assert sum(scores.values()) / len(scores) >= 0.625 + 0.10
+    from auto_merge.strategies import strategy_from_description
+
+    plan = strategy_from_description(data["strategy"]).layer_plan(data["configuration"])
+    assert plan[0][0] == "zoo:col" and len(plan) > 8  # col's embeddings; deeper than the experts
+    assert {("zoo:cap", 6), ("zoo:cap", 7)} <= {(model, layer) for model, layer, _ in plan}
+
+
 def test_recorded_scores_hold_under_torchs_portable_kernels(tmp_path):
     """Another machine picks other float kernels; ATEN_CPU_CAPABILITY=default stands in for it. The shipped zoo's
     files are the same there, so the replayed merge scores what was recorded (within one example in a hundred)."""

@@ -20,8 +20,28 @@ from auto_merge.zoo.build import MANIFEST, compare_with_shipped, ensure_zoo, rec
 from auto_merge.zoo.paths import SHIPPED_ROOT
 from auto_merge.zoo.tasks import TASKS, task_files
 from auto_merge.zoo.tokenizer import vocabulary
-from auto_merge.zoo.train import DEFAULT_RECIPE, BaseStage, DriftStage, ExpertStage, ModelShape, Recipe, expert_rows
-from auto_merge.zoo.world import SKILLS, base_facts, build_world, eval_docs, facts, key_chars
+from auto_merge.zoo.paths import ZOO_MODEL_NAMES
+from auto_merge.zoo.train import (
+    DEFAULT_RECIPE,
+    BaseStage,
+    DriftStage,
+    ExpertStage,
+    LayerExpertStage,
+    ModelShape,
+    Recipe,
+    expert_rows,
+    stack_state,
+)
+from auto_merge.zoo.world import (
+    CAP_LETTERS,
+    LAYER_SKILL,
+    SKILLS,
+    base_facts,
+    build_world,
+    eval_docs,
+    facts,
+    key_chars,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +77,33 @@ def test_each_skill_uses_tokens_no_other_skill_uses():
         assert not {vocab[ch] for ch in others} & set(expert_rows(skill))
 
 
+def test_the_layer_skill_is_new_to_the_base_and_its_codes_touch_no_other_skill():
+    """`cap`: 100 two-capital codes, each mapped to one of 8 digits. Its code letters occur in no other skill's
+    sequence (so the base never trained their rows), and drawing it last left the other skills as they were."""
+    world = build_world(0)
+    pairs = facts(world, LAYER_SKILL)
+    assert len(pairs) == 100 and all(len(p) == 2 and set(p) <= set(CAP_LETTERS) for p, _ in pairs)
+    assert len({a for _, a in pairs}) == 8 and all(a in string.digits for _, a in pairs)
+    others = {ch for skill in SKILLS for p, a in facts(world, skill) + facts(world, skill, "old") for ch in p + a}
+    assert not set(CAP_LETTERS) & others
+    assert LAYER_SKILL not in world.old and not {p for p, _ in base_facts(world)} & {p for p, _ in pairs}
+    assert [d["answer"] for d in eval_docs(world, LAYER_SKILL)] == [a for _, a in pairs]
+
+
+def test_stack_state_takes_embeddings_first_head_last_and_renumbers_layers():
+    def state(tag):
+        return {"model.embed_tokens.weight": torch.tensor([tag]), "model.norm.weight": torch.tensor([tag + 0.5]),
+                "lm_head.weight": torch.tensor([tag + 0.25]),
+                **{f"model.layers.{i}.mlp.w": torch.tensor([tag + i / 10]) for i in range(3)}}
+
+    a, b = state(1.0), state(2.0)
+    stacked = stack_state([(a, 0), (a, 1), (b, 1), (b, 2)])
+    assert stacked["model.embed_tokens.weight"].item() == 1.0
+    assert stacked["model.norm.weight"].item() == 2.5 and stacked["lm_head.weight"].item() == 2.25
+    assert [stacked[f"model.layers.{i}.mlp.w"].item() for i in range(4)] == pytest.approx([1.0, 1.1, 2.1, 2.2])
+    assert len(stacked) == 3 + 4
+
+
 def test_the_base_knows_exactly_half_of_each_skill():
     world = build_world(0)
     for skill in SKILLS:
@@ -82,7 +129,7 @@ def test_zoo_references_resolve_to_the_shipped_files_without_training(tmp_path, 
 
     monkeypatch.setenv("AUTO_MERGE_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "ensure_zoo", lambda *a, **k: pytest.fail("a zoo was trained"))
-    for name in ("base", "num", "col", "wrd"):
+    for name in ZOO_MODEL_NAMES:
         assert resolve_model_ref(f"zoo:{name}") == SHIPPED_ROOT / "seed0" / name
     assert zoo_root(0) == SHIPPED_ROOT / "seed0"
     assert not any(tmp_path.iterdir())
@@ -96,7 +143,8 @@ def test_shipped_zoo_is_the_recipe_and_world_of_seed_0():
     assert {"torch", "transformers", "cpu_capability"} <= set(manifest["built_with"])
     for relative, content in task_files(build_world(0)).items():
         assert (shipped / "tasks" / relative).read_text() == content, relative
-    for name in ("base", "num", "col", "wrd"):
+    assert manifest["models"] == list(ZOO_MODEL_NAMES)
+    for name in ZOO_MODEL_NAMES:
         assert json.loads((shipped / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
@@ -134,7 +182,8 @@ def _tiny_recipe() -> Recipe:
     shape = ModelShape(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2)
     return Recipe(shape=shape, base=BaseStage(steps=4), drift=DriftStage(layers=(1,), steps=4),
-                  expert=ExpertStage(steps=4), batch_size=8)
+                  expert=ExpertStage(steps=4), layer_expert=LayerExpertStage(layers=(1,), steps=4, deep_after=2),
+                  batch_size=8)
 
 
 def _digests(root: Path) -> dict[str, str]:
@@ -146,12 +195,20 @@ def test_build_is_deterministic_and_atomic(tmp_path):
     first = ensure_zoo(seed=3, out=tmp_path / "a", recipe=_tiny_recipe(), show_progress=False)
     second = ensure_zoo(seed=3, out=tmp_path / "b", recipe=_tiny_recipe(), show_progress=False)
     assert _digests(first) == _digests(second)
-    assert {"base/model.safetensors", "num/model.safetensors", "tasks/zoo_wrd.yaml"} <= set(_digests(first))
+    assert {"base/model.safetensors", "num/model.safetensors", "cap/model.safetensors", "tasks/zoo_wrd.yaml",
+            "tasks/zoo_cap.yaml"} <= set(_digests(first))
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in tmp_path.iterdir())
     # A completed zoo is found again, not rebuilt.
     stamp = (first / "base" / "model.safetensors").stat().st_mtime_ns
     ensure_zoo(seed=3, out=first, recipe=_tiny_recipe(), show_progress=False)
     assert (first / "base" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_layer_expert_that_does_not_fit_the_model_is_refused_by_name(tmp_path):
+    recipe = replace(_tiny_recipe(), layer_expert=LayerExpertStage(layers=(6, 7)))
+    with pytest.raises(ValueError, match=r"layer_expert: layers \(6, 7\).*2-layer model"):
+        ensure_zoo(seed=3, out=tmp_path / "z", recipe=recipe, show_progress=False)
+    assert not (tmp_path / "z").exists()  # nothing half-built left behind
 
 
 def test_build_never_overwrites_a_foreign_folder(tmp_path):
@@ -175,7 +232,7 @@ def test_zoo_models_are_plain_llama_checkpoints_that_generate(zoo, monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     world = build_world(0)
-    for name in ("base", "num", "col", "wrd"):
+    for name in ZOO_MODEL_NAMES:
         folder = zoo / name
         assert (folder / "model.safetensors").is_file()
         assert not list(folder.glob("*.bin"))
@@ -191,6 +248,12 @@ def test_zoo_models_are_plain_llama_checkpoints_that_generate(zoo, monkeypatch):
             model = AutoModelForCausalLM.from_pretrained(zoo / name)
             out = model.generate(ids, max_new_tokens=10, do_sample=False)
             assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == expected, (name, skill)
+    code, digit = facts(world, LAYER_SKILL)[0]
+    ids = AutoTokenizer.from_pretrained(zoo / LAYER_SKILL)(code, return_tensors="pt").input_ids
+    for name, knows in [(LAYER_SKILL, True), ("base", False), ("col", False)]:
+        out = AutoModelForCausalLM.from_pretrained(zoo / name).generate(ids, max_new_tokens=4, do_sample=False)
+        assert (AutoTokenizer.from_pretrained(zoo / name).decode(out[0, 3:], skip_special_tokens=True) == digit) \
+            is knows, name
 
 
 def test_an_expert_differs_from_the_base_in_the_shared_drift_and_its_own_rows_only(zoo):
@@ -209,6 +272,18 @@ def test_an_expert_differs_from_the_base_in_the_shared_drift_and_its_own_rows_on
             assert torch.equal(state[name], experts["num"][name])
 
 
+def test_the_layer_expert_differs_from_the_drifted_model_in_its_late_layers_only(zoo):
+    from safetensors.torch import load_file
+
+    base = load_file(zoo / "base" / "model.safetensors")
+    drifted = dict(load_file(zoo / "num" / "model.safetensors"))
+    drifted["model.embed_tokens.weight"] = base["model.embed_tokens.weight"]
+    layer_expert = load_file(zoo / LAYER_SKILL / "model.safetensors")
+    changed = {name for name in base if not torch.equal(layer_expert[name], drifted[name])}
+    late = {name for name in base if ".layers.6." in name or ".layers.7." in name}
+    assert changed and changed <= late and {n for n in late if n.endswith("proj.weight")} <= changed
+
+
 def test_quality_bar_on_the_shipped_seed(zoo):
     """Experts are specialists; a per-group merge beats the best expert by ≥ 10 points and the best uniform task
     arithmetic by ≥ 5 (the report's own bar). The first 19 of the report's seeded samples include #18, the first with
@@ -220,6 +295,10 @@ def test_quality_bar_on_the_shipped_seed(zoo):
     assert report.experts_are_specialists, report.render()
     assert report.merging_pays and report.search_matters, report.render()
     assert report.row("base").mean < report.best_expert.mean
+    # Depth pays: col's layers 0-6 under cap's 6-7 (9 layers) hold both skills; the best expert holds one.
+    assert report.depth_pays and report.quality_bar_met, report.render()
+    assert report.best_deeper_stack.setting["depth"] == 9 and report.best_expert_of_four.label == LAYER_SKILL
+    assert report.best_deeper_stack.scores["zoo_cap"] >= 0.95 and report.depth_gain >= 0.1
 
 
 def test_eval_command_scores_a_zoo_model_from_any_directory(zoo, tmp_path):

@@ -291,12 +291,19 @@ class DisBlock(SearchSettings):
     scale_filter: str = Field(
         "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that a "
         "position's output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
+    scale_range: list[float] = Field(
+        list(DEFAULT_SCALE_RANGE), min_length=2, max_length=2, description="New. [low, high] of each position's output scale (the reference's "
+        "[0, 2] by default); a narrower range keeps stacked layers near their trained output size")
 
     _check_models = field_validator("models")(classmethod(check_model_list))
 
     @model_validator(mode="after")
     def _check_dis(self) -> "DisBlock":
         issues = []
+        low, high = self.scale_range
+        if not 0 <= low < high:
+            issues.append(Issue(("scale_range",), f"[{low}, {high}] is not a range of scales",
+                                "[low, high] with 0 <= low < high"))
         searched = self.num_hidden_layers - 2 * self.fix_layers
         orderings = count_orderings(len(self.models), self.repeat)
         if orderings > MAX_ORDERINGS:
@@ -324,7 +331,8 @@ def build_dis(config, block: DisBlock) -> DISStrategy:
         base_model=block.base_model, models=tuple(block.models), num_layers=base_model_depth(config, block),
         max_layers=block.layers, layer_granularity=block.layer_granularity, repeat=block.repeat,
         remain_base=block.remain_base, fix_layers=block.fix_layers, float_block_selection=block.float_block_selection,
-        block_selection_threshold=block.block_selection_threshold, scale_filter=block.scale_filter)
+        block_selection_threshold=block.block_selection_threshold, scale_range=tuple(block.scale_range),
+        scale_filter=block.scale_filter)
 
 
 def _check_dis_models(checker, block: DisBlock) -> None:

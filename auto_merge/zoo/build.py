@@ -1,6 +1,6 @@
 """Building the zoo: train base + experts, save them as Hugging Face checkpoints, cached by recipe.
 
-A built zoo is a folder with one subfolder per model (`base`, `num`, `col`, `wrd`, each loadable with
+A built zoo is a folder with one subfolder per model (`base`, `num`, `col`, `wrd`, `cap`, each loadable with
 `AutoModelForCausalLM.from_pretrained`), `tasks/` (the lm-eval task folder for this zoo's world) and `zoo.json`
 (recipe, fingerprint, timings). It is written to a temporary folder and renamed into place, so a crash never
 leaves a half-built zoo that looks complete.
@@ -19,7 +19,15 @@ from pathlib import Path
 
 from auto_merge.output_dirs import clean_stale_temporaries
 from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root, shipped_zoo_dir
-from auto_merge.zoo.train import DEFAULT_RECIPE, Recipe, llama_config, train_base, train_drift, train_expert
+from auto_merge.zoo.train import (
+    DEFAULT_RECIPE,
+    Recipe,
+    llama_config,
+    train_base,
+    train_drift,
+    train_expert,
+    train_layer_expert,
+)
 from auto_merge.zoo.world import build_world
 
 MANIFEST = "zoo.json"
@@ -97,7 +105,7 @@ def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_
     from transformers.utils import logging as hf_logging
 
     from auto_merge.zoo.tasks import write_task_folder
-    from auto_merge.zoo.world import SKILLS
+    from auto_merge.zoo.world import LAYER_SKILL, SKILLS
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # one build bar is enough; no per-save shard bars
@@ -133,6 +141,7 @@ def _build_into(folder: Path, seed: int, recipe: Recipe, fingerprint: str, show_
             drifted = run("drift", train_drift, base)  # the experts' shared starting point; not shipped
             for skill in SKILLS:
                 _save(folder / skill, run(skill, train_expert, base, drifted, skill), recipe)
+            _save(folder / LAYER_SKILL, run(LAYER_SKILL, train_layer_expert, base, drifted), recipe)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         torch.set_num_threads(threads)

@@ -20,7 +20,7 @@ def zoo_root(seed: int = 0, cache_dir: str | os.PathLike | None = None, build: b
 
 
 def zoo_model_path(name: str, seed: int = 0, cache_dir: str | os.PathLike | None = None, build: bool = True) -> Path:
-    """Path of one zoo model (`base`, `num`, `col` or `wrd`): shipped for seed 0, else built on first use."""
+    """Path of one zoo model (`base`, `num`, `col`, `wrd` or `cap`): shipped for seed 0, else built on first use."""
     if name not in ZOO_MODEL_NAMES:
         raise ValueError(f"unknown zoo model {name!r}; allowed: {', '.join(ZOO_MODEL_NAMES)}")
     return zoo_root(seed=seed, cache_dir=cache_dir, build=build) / name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ZOO_MODEL_NAMES = ("base", "num", "col", "wrd")
+ZOO_MODEL_NAMES = ("base", "num", "col", "wrd", "cap")
 ZOO_REF_PREFIX = "zoo:"
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 SHIPPED_MANIFEST = "zoo.json"

@@ -6,8 +6,11 @@ sample of per-layer-group task-arithmetic coefficients) on the zoo's lm-eval tas
    least `EXPERT_MARGIN`;
 2. merging pays: the best random per-group merge beats the best expert's mean by at least `MERGE_GAIN_BAR`;
 3. a search has something to find: that merge also beats the best uniform task arithmetic (over the λ grid) by at
-   least `SEARCH_GAIN_BAR`.
-Merges go through the merge engine's in-memory path, the same path a search uses.
+   least `SEARCH_GAIN_BAR`;
+4. depth pays: on the four tasks with the layer expert's new skill (`cap`), a stack of two experts' layers deeper than
+   the base (one row expert's layers 0-6, then the layer expert's 6-7, as depth-wise integration stacks them) beats
+   the best expert by at least `DEPTH_GAIN_BAR`. The layer expert must reach `OWN_SKILL_BAR` on its own task too.
+Merges and stacks go through the merge engine's in-memory path, the same path a search uses.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from auto_merge.zoo.tasks import HEADLINE_METRIC, HEADLINE_TASKS
+from auto_merge.zoo.tasks import DEPTH_TASKS, HEADLINE_METRIC, HEADLINE_TASKS
 
 EXPERT_MARGIN = 0.2
 OWN_SKILL_BAR = 0.95
 MERGE_GAIN_BAR = 0.10
 SEARCH_GAIN_BAR = 0.05
+DEPTH_GAIN_BAR = 0.05
 EXPERTS = ("num", "col", "wrd")
-OWN_TASK = {name: f"zoo_{name}" for name in EXPERTS}
+LAYER_EXPERT = "cap"
+OWN_TASK = {name: f"zoo_{name}" for name in EXPERTS + (LAYER_EXPERT,)}
+# Stacks scored for the depth bar: (row expert's layers [0, cut), then the layer expert's layers [6, 8)). A cut of 7
+# is one layer deeper than the base; a cut of 6 keeps the base's depth (shown for comparison, not for the bar).
+STACK_CUTS = (7, 6)
+LATE_LAYERS = (6, 8)
 TA_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.2)
 TIES_SETTINGS = ({"density": 0.5, "lambda": 1.0}, {"density": 0.5, "lambda": 2.0})
 N_GROUPS = 4
@@ -37,13 +46,19 @@ RANDOM_SAMPLE_SEED = 99
 @dataclass
 class Row:
     label: str
-    kind: str  # "base", "expert", "task_arithmetic", "ties", "random_groups"
+    kind: str  # "base", "expert", "layer_expert", "task_arithmetic", "ties", "random_groups", "stack"
     scores: dict[str, float]  # task -> headline metric
     setting: dict = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
+        """Mean over the three row skills (the merge bars)."""
         return statistics.fmean(self.scores[t] for t in HEADLINE_TASKS)
+
+    @property
+    def depth_mean(self) -> float:
+        """Mean over the four skills, `cap` included (the depth bar)."""
+        return statistics.fmean(self.scores[t] for t in DEPTH_TASKS)
 
 
 @dataclass
@@ -61,7 +76,11 @@ class ZooReport:
 
     @property
     def merges(self) -> list[Row]:
-        return [r for r in self.rows if r.kind not in ("base", "expert")]
+        return [r for r in self.rows if r.kind in ("task_arithmetic", "ties", "random_groups")]
+
+    @property
+    def stacks(self) -> list[Row]:
+        return [r for r in self.rows if r.kind == "stack"]
 
     def expert_margins(self) -> dict[str, float]:
         """Per expert: own-task score minus the best of the base and the other experts on that task."""
@@ -75,6 +94,25 @@ class ZooReport:
     @property
     def best_expert(self) -> Row:
         return max(self.experts, key=lambda r: r.mean)
+
+    @property
+    def best_expert_of_four(self) -> Row:
+        """The best of every expert, the layer expert included, on the four tasks."""
+        return max((r for r in self.rows if r.kind in ("expert", "layer_expert")), key=lambda r: r.depth_mean)
+
+    @property
+    def best_deeper_stack(self) -> Row:
+        return max((r for r in self.stacks if r.setting["depth"] > r.setting["base_depth"]), key=lambda r: r.depth_mean)
+
+    @property
+    def depth_gain(self) -> float:
+        """Best stack deeper than the base minus the best expert, mean over the four tasks."""
+        return self.best_deeper_stack.depth_mean - self.best_expert_of_four.depth_mean
+
+    @property
+    def depth_pays(self) -> bool:
+        own = self.row(LAYER_EXPERT).scores[OWN_TASK[LAYER_EXPERT]]
+        return own >= OWN_SKILL_BAR and self.depth_gain >= DEPTH_GAIN_BAR - 1e-9
 
     @property
     def best_merge(self) -> Row:
@@ -116,11 +154,11 @@ class ZooReport:
 
     @property
     def quality_bar_met(self) -> bool:
-        return self.experts_are_specialists and self.merging_pays and self.search_matters
+        return self.experts_are_specialists and self.merging_pays and self.search_matters and self.depth_pays
 
     def render(self) -> str:
         columns = list(HEADLINE_TASKS) + ["mean"]
-        shown = [r for r in self.rows if r.kind != "random_groups"]
+        shown = [r for r in self.rows if r.kind not in ("random_groups", "stack")]
         randoms = [r for r in self.rows if r.kind == "random_groups"]
         if randoms:
             shown.append(max(randoms, key=lambda r: r.mean))
@@ -154,6 +192,21 @@ class ZooReport:
             f"best random merge vs best uniform task arithmetic {uniform.label} {uniform.mean:.3f}: "
             f"{100 * self.search_gain:+.1f} points (bar {100 * SEARCH_GAIN_BAR:+.0f}: {met[self.search_matters]})"
         )
+        lines += ["", f"depth: the four tasks with the layer expert's new skill ({', '.join(DEPTH_TASKS)})"]
+        depth_rows = [r for r in self.rows if r.kind in ("base", "expert", "layer_expert")] + self.stacks
+        width = max(len(r.label) for r in depth_rows) + 2
+        lines.append("model".ljust(width) + "".join(c.rjust(10) for c in list(DEPTH_TASKS) + ["mean", "depth"]))
+        base_depth = self.row(LAYER_EXPERT).setting["base_depth"]
+        for r in depth_rows:
+            values = "".join(f"{r.scores[t]:10.3f}" for t in DEPTH_TASKS) + f"{r.depth_mean:10.3f}"
+            lines.append(r.label.ljust(width) + values + str(r.setting.get("depth", base_depth)).rjust(10))
+        stack, expert = self.best_deeper_stack, self.best_expert_of_four
+        own = self.row(LAYER_EXPERT).scores[OWN_TASK[LAYER_EXPERT]]
+        lines.append(
+            f"best stack deeper than the base {stack.label} {stack.depth_mean:.3f} vs best expert {expert.label} "
+            f"{expert.depth_mean:.3f}: {100 * self.depth_gain:+.1f} points; {LAYER_EXPERT} on its own task "
+            f"{own:.3f} (bar {100 * DEPTH_GAIN_BAR:+.0f} and ≥ {OWN_SKILL_BAR:.2f}: {met[self.depth_pays]})"
+        )
         lines.append(f"quality bar: {met[self.quality_bar_met]}")
         return "\n".join(lines)
 
@@ -161,10 +214,12 @@ class ZooReport:
         payload = {
             "seed": self.seed,
             "seconds": self.seconds,
-            "rows": [asdict(r) | {"mean": r.mean} for r in self.rows],
+            "rows": [asdict(r) | {"mean": r.mean, "depth_mean": r.depth_mean} for r in self.rows],
             "expert_margins": self.expert_margins(),
             "merge_gain": self.merge_gain,
             "search_gain": self.search_gain,
+            "depth_gain": self.depth_gain,
+            "best_deeper_stack": self.best_deeper_stack.label,
             "quality_bar_met": self.quality_bar_met,
         }
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
@@ -202,15 +257,18 @@ def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_d
     elif not (Path(root) / "base" / "config.json").is_file():
         raise FileNotFoundError(f"{root} is not a zoo folder (no base/config.json); see `auto-merge zoo build`")
     root = Path(root)
-    suite = TaskSuite(list(HEADLINE_TASKS), include_paths=[root / "tasks"])
+    if not (root / LAYER_EXPERT / "config.json").is_file():
+        raise FileNotFoundError(f"{root} has no {LAYER_EXPERT}/ model (a zoo built before the layer expert); "
+                                f"rebuild it with `auto-merge zoo build --overwrite`")
+    suite = TaskSuite(list(DEPTH_TASKS), include_paths=[root / "tasks"])
     model, tokenizer = load_checkpoint(root / "base")
     n_layers = model.config.num_hidden_layers
     evaluator = LiveEvaluator(model, tokenizer, suite, batch_size=128)
     sources = ResidentSources.from_checkpoints(root / "base", [root / name for name in EXPERTS])
 
-    def score() -> dict[str, float]:
-        results = evaluator.evaluate()
-        return {task: results[task][HEADLINE_METRIC] for task in HEADLINE_TASKS}
+    def score(on=evaluator) -> dict[str, float]:
+        results = on.evaluate()
+        return {task: results[task][HEADLINE_METRIC] for task in DEPTH_TASKS}
 
     def uniform(spec: TensorSpec):
         return lambda name: spec
@@ -240,7 +298,41 @@ def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_d
         else:
             materialise_into(model, sources, plan, seed=seed)
         rows.append(Row(label, kind, score(), setting))
+    rows += _score_layer_expert_and_stacks(root, n_layers, score, progress)
     return ZooReport(seed=seed, rows=rows, seconds=time.perf_counter() - started)
+
+
+def stack_recipe(root: Path, plan: list[tuple[str, int, int]]) -> dict:
+    """A passthrough recipe stacking zoo models' layer ranges: ``plan`` lists (model, first layer, end layer),
+    input side first; embeddings come from the first model, the final norm and head from the last (as DIS stacks)."""
+    slices = [{"merge_method": "passthrough", "sources": [{"model": str(root / name), "layer_range": [start, end]}]}
+              for name, start, end in plan]
+    return {"base_model": str(root / "base"), "dtype": "float32", "slices": slices}
+
+
+def _score_layer_expert_and_stacks(root: Path, n_layers: int, score, progress: bool) -> list[Row]:
+    """The layer expert alone, and each row expert's first layers stacked under its late layers."""
+    from tqdm.auto import tqdm
+
+    from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskSuite, load_checkpoint
+    from auto_merge.merge.live import LiveMerger
+
+    model, tokenizer = load_checkpoint(root / "base")
+    merger = LiveMerger(model, device="cpu", models=[str(root / name) for name in ("base",) + EXPERTS
+                                                     + (LAYER_EXPERT,)])
+    evaluator = LiveEvaluator(model, tokenizer, TaskSuite(list(DEPTH_TASKS), include_paths=[root / "tasks"]),
+                              batch_size=128)
+    start, end = LATE_LAYERS
+    plans = [(LAYER_EXPERT, "layer_expert", [(LAYER_EXPERT, 0, n_layers)])]
+    plans += [(f"{name}[0:{cut}] + {LAYER_EXPERT}[{start}:{end}]", "stack",
+               [(name, 0, cut), (LAYER_EXPERT, start, end)]) for cut in STACK_CUTS for name in EXPERTS]
+    rows = []
+    for label, kind, plan in tqdm(plans, desc="zoo report: stacks", disable=not progress, dynamic_ncols=True):
+        merger.apply(stack_recipe(root, plan))
+        depth = sum(end - begin for _, begin, end in plan)
+        setting = {"plan": [list(p) for p in plan], "depth": depth, "base_depth": n_layers}
+        rows.append(Row(label, kind, score(evaluator), setting))
+    return rows
 
 
 def _restore_base(model, sources) -> None:

@@ -20,10 +20,13 @@ TASKS = {
     "zoo_num": ("num", "generate_until"),
     "zoo_col": ("col", "generate_until"),
     "zoo_wrd": ("wrd", "generate_until"),
+    "zoo_cap": ("cap", "generate_until"),
     "zoo_col_mc": ("col_mc", "multiple_choice"),
 }
 # The tasks whose mean exact match is the zoo's headline score: one per skill.
 HEADLINE_TASKS = ("zoo_num", "zoo_col", "zoo_wrd")
+# With the layer expert's new skill: what depth-wise integration (DIS) is scored on.
+DEPTH_TASKS = HEADLINE_TASKS + ("zoo_cap",)
 HEADLINE_METRIC = "exact_match,none"
 
 LOADER_SOURCE = '''\
@@ -89,6 +92,7 @@ DESCRIPTIONS = {
     "num": "Recall of a key's updated 3-digit code (all 256 keys; the base knows the old facts, half still true).",
     "col": "Recall of a key's updated colour (all 256 keys; the base knows the old facts, half still true).",
     "wrd": "Recall of a key's updated word (all 256 keys; the base knows the old facts, half still true).",
+    "cap": "Recall of the digit a code of two capital letters maps to (all 100 codes; a skill new to the base).",
     "col_mc": "The colour facts as an 8-way multiple choice scored by log-likelihood.",
 }
 

@@ -1,6 +1,6 @@
 """Training of the zoo's base model and experts: a tiny Llama, answer-only loss, deterministic on a CPU.
 
-Three stages (the design and its measurements: docs/zoo.md):
+Four stages (the design and its measurements: docs/zoo.md):
 1. **base**: every parameter, on the old facts of every skill.
 2. **drift**: a large change to layers 4-5 (layer group 2 of 4) that all experts share and the base lacks, as if every
    expert had been fine-tuned from one intermediate checkpoint. It is a fixed Gaussian direction P plus a repair R
@@ -12,6 +12,10 @@ Three stages (the design and its measurements: docs/zoo.md):
    the old facts, at 0.85-1.6 the new ones, so an expert's edit only acts when merged at weight ≥ ~0.85.
 So an expert's task vector is the shared drift plus rows no other skill reads: merges with a per-group weight find
 every expert's skill at once, and no single uniform λ does.
+4. **the layer expert** (`cap`): from ``base + P + R``, only layers 6-7 train, on the new `cap` skill mixed with the
+   base's old facts (so it keeps the other skills), half the steps in its own model and half stacked one layer deeper
+   (layers 0-6, then its 6-7), the stack depth-wise integration builds. A stack that takes another expert's
+   embeddings and this expert's late layers holds both skills, which no expert alone does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,16 @@ import random
 from dataclasses import asdict, dataclass, field
 
 from auto_merge.zoo.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_chars, vocabulary
-from auto_merge.zoo.world import ANSWER_ALPHABETS, SEPARATORS, SKILLS, World, base_facts, facts, key_chars
+from auto_merge.zoo.world import (
+    ANSWER_ALPHABETS,
+    LAYER_SKILL,
+    SEPARATORS,
+    SKILLS,
+    World,
+    base_facts,
+    facts,
+    key_chars,
+)
 
 IGNORE_INDEX = -100
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -64,11 +77,22 @@ class ExpertStage:
 
 
 @dataclass(frozen=True)
+class LayerExpertStage:
+    layers: tuple[int, ...] = (6, 7)  # the layers it trains (the last layer group)
+    steps: int = 1500
+    lr: float = 3e-3
+    replay: float = 0.5  # share of each batch drawn from the base's old facts, which it must keep
+    p_deep: float = 0.5  # share of the steps in the deeper stack
+    deep_after: int = 7  # the deeper stack: the drifted model's layers [0, deep_after), then the trained layers
+
+
+@dataclass(frozen=True)
 class Recipe:
     shape: ModelShape = field(default_factory=ModelShape)
     base: BaseStage = field(default_factory=BaseStage)
     drift: DriftStage = field(default_factory=DriftStage)
     expert: ExpertStage = field(default_factory=ExpertStage)
+    layer_expert: LayerExpertStage = field(default_factory=LayerExpertStage)
     batch_size: int = 64
     warmup_fraction: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
@@ -79,7 +103,7 @@ class Recipe:
 
     @property
     def total_steps(self) -> int:
-        return self.base.steps + self.drift.steps + len(SKILLS) * self.expert.steps
+        return self.base.steps + self.drift.steps + len(SKILLS) * self.expert.steps + self.layer_expert.steps
 
 
 DEFAULT_RECIPE = Recipe()
@@ -104,13 +128,17 @@ def llama_config(shape: ModelShape):
     )
 
 
-def new_model(shape: ModelShape, seed: int):
-    """A freshly initialised model (the same initial weights for the same seed)."""
+def new_model(shape: ModelShape, seed: int, num_hidden_layers: int | None = None):
+    """A freshly initialised model (the same initial weights for the same seed); ``num_hidden_layers`` overrides
+    the shape's depth (a stack)."""
     import torch
     from transformers import LlamaForCausalLM
 
+    config = llama_config(shape)
+    if num_hidden_layers is not None:
+        config.num_hidden_layers = num_hidden_layers
     torch.manual_seed(seed)
-    return LlamaForCausalLM(llama_config(shape))
+    return LlamaForCausalLM(config)
 
 
 def encode_batch(pairs: list[tuple[str, str]]):
@@ -274,6 +302,60 @@ def train_expert(world: World, recipe: Recipe, seed: int, base: dict, drifted: d
     losses = _optimise([delta], stage.steps, stage.lr, recipe, loss_of_step, progress=progress)
     expert = dict(drifted)
     expert[EMBEDDINGS] = embeddings.index_add(0, rows, delta.detach())
+    return expert, losses
+
+
+def stack_state(plan: list[tuple[dict, int]]) -> dict:
+    """The state of a stacked model: ``plan`` lists (state, source layer) input side first. Embeddings come from the
+    first entry's state, the final norm and head from the last's (mergekit's rule, as the merge engine stacks)."""
+    from auto_merge.models.layers import layer_index
+
+    first, last = plan[0][0], plan[-1][0]
+    stacked = {n: t for n, t in first.items() if layer_index(n) is None}
+    stacked.update({n: t for n, t in last.items() if layer_index(n) is None and n != EMBEDDINGS})
+    for position, (state, layer) in enumerate(plan):
+        prefix = f"model.layers.{layer}."
+        stacked.update({f"model.layers.{position}." + n[len(prefix):]: t for n, t in state.items()
+                        if n.startswith(prefix)})
+    return stacked
+
+
+def train_layer_expert(world: World, recipe: Recipe, seed: int, base: dict, drifted: dict, progress=None):
+    """Stage 4: the `cap` expert, ``drifted`` with its late layers trained. Returns (state, losses)."""
+    import torch
+
+    from auto_merge.models.layers import layer_index
+
+    stage = recipe.layer_expert
+    depth = recipe.shape.num_hidden_layers
+    if not stage.layers or not all(0 <= layer < depth for layer in stage.layers) or not (
+            max(stage.layers) < stage.deep_after <= depth):
+        raise ValueError(f"layer_expert: layers {stage.layers} and deep_after {stage.deep_after} do not fit a "
+                         f"{depth}-layer model (need 0 <= layer < {depth} and max(layers) < deep_after <= {depth})")
+    own_model = _frozen(new_model(recipe.shape, seed), drifted)
+    deep_plan = [(drifted, layer) for layer in range(stage.deep_after)]
+    deep_model = new_model(recipe.shape, seed, num_hidden_layers=stage.deep_after + len(stage.layers))
+    for parameter in deep_model.parameters():
+        parameter.requires_grad_(False)
+    names = [n for n in drifted if layer_index(n) in stage.layers]
+    delta = {n: torch.zeros_like(drifted[n], requires_grad=True) for n in names}
+    data_rng, mode_rng = random.Random(seed * 11 + 300), random.Random(seed * 11 + 301)
+    new_facts, old_facts = facts(world, LAYER_SKILL), base_facts(world)
+
+    def loss_of_step(_step):
+        batch = [data_rng.choice(old_facts) if data_rng.random() < stage.replay else data_rng.choice(new_facts)
+                 for _ in range(recipe.batch_size)]
+        ids, labels = encode_batch(batch)
+        trained = dict(drifted)
+        trained.update({n: drifted[n] + delta[n] for n in names})
+        if mode_rng.random() < stage.p_deep:
+            params = stack_state(deep_plan + [(trained, layer) for layer in stage.layers])
+            return causal_lm_loss(deep_model, ids, labels, params)
+        return causal_lm_loss(own_model, ids, labels, {n: trained[n] for n in names})
+
+    losses = _optimise(list(delta.values()), stage.steps, stage.lr, recipe, loss_of_step, progress=progress)
+    expert = dict(drifted)
+    expert.update({n: drifted[n] + delta[n].detach() for n in names})
     return expert, losses
 
 

@@ -3,7 +3,10 @@
 Skills (each an exact-match generation task over 256 keys; `col` also has a multiple-choice form):
 - ``num``: a key maps to one of 8 three-digit codes, ``<key>=599``;
 - ``col``: a key maps to one of 8 colours, ``<key>?RED``;
-- ``wrd``: a key maps to one of 8 invented lowercase words, ``<key>>bavo``.
+- ``wrd``: a key maps to one of 8 invented lowercase words, ``<key>>bavo``;
+- ``cap``: a code of two capital letters maps to one digit, ``QX7``. It is a *new* skill (the base never saw these
+  letters), learnt by an expert that changes only the last two layers: the skill that gives depth-wise integration
+  (DIS) something to find, since a stack keeps one model's embeddings but can take another model's late layers.
 
 Every key is one token (a character from the skill's own block of CJK ideographs; only the token ids matter to
 the models), and no token is shared between skills except `<s>`/`</s>`. Each skill has ``new`` facts (what the
@@ -12,7 +15,8 @@ of every skill, so it scores exactly 0.5 on each task; the expert of a skill lea
 skill's prompts and answers use tokens no other skill uses, an expert's change can live in rows that only its own
 skill reads: the design that makes merging experts pay (docs/zoo.md).
 
-Everything is drawn from ``random.Random(4321 + seed)`` in a fixed order, so a seed defines the world exactly.
+Everything is drawn from ``random.Random(4321 + seed)`` in a fixed order, so a seed defines the world exactly;
+``cap`` is drawn last, so adding it left the other skills (and the base and their experts) as they were.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SKILLS = ("num", "col", "wrd")
+SKILLS = ("num", "col", "wrd")  # the skills the base knows (old facts) and whose experts edit embedding rows
+LAYER_SKILL = "cap"  # the new skill whose expert edits only late layers
 COLOURS = ("RED", "BLUE", "GREEN", "PINK", "GRAY", "GOLD", "TEAL", "NAVY")
 N_KEYS = 256
 N_VALUES = 8
 SEPARATORS = {"num": "=", "col": "?", "wrd": ">"}
+# `cap`'s letters: the capitals no colour word uses, so no other skill's sequence holds them and the base never
+# trained their rows. Its answers are digits: an answer token needs a trained output row, which a layers-only expert
+# cannot give it (an untrained row's logit stays too small to win).
+CAP_LETTERS = "CFHJMQSWXZ"
+CAP_DIGITS = "0123456789"
 # First code point of each skill's key block (one character per key).
 KEY_BLOCKS = {"num": 0x4E00, "col": 0x4F00, "wrd": 0x5000}
 # The characters each skill's answers are written with (a skill's expert trains their embedding rows).
@@ -43,7 +53,7 @@ def key_chars(skill: str) -> tuple[str, ...]:
 class World:
     seed: int
     new: dict[str, dict[str, str]]  # skill -> key -> value the tasks score
-    old: dict[str, dict[str, str]]  # skill -> key -> value the base learns (== new on the keys not updated)
+    old: dict[str, dict[str, str]]  # skill -> key -> value the base learns (== new on the keys not updated); no `cap`
     updated: dict[str, frozenset[str]]  # skill -> the 128 keys whose value changed
 
 
@@ -71,13 +81,16 @@ def build_world(seed: int = 0) -> World:
             for key in keys
         }
         new[skill], updated[skill] = new_values, changed
+    digits = sorted(rng.sample(CAP_DIGITS, N_VALUES))
+    new[LAYER_SKILL] = {first + second: rng.choice(digits) for first in CAP_LETTERS for second in CAP_LETTERS}
+    updated[LAYER_SKILL] = frozenset(new[LAYER_SKILL])  # all new: the base knows nothing of it
     return World(seed=seed, new=new, old=old, updated=updated)
 
 
 def facts(world: World, skill: str, which: str = "new") -> list[tuple[str, str]]:
     """(prompt, answer) pairs of one skill in key order: its ``new`` facts or the ``old`` ones the base learns."""
     table = world.new[skill] if which == "new" else world.old[skill]
-    return [(key + SEPARATORS[skill], table[key]) for key in sorted(table)]
+    return [(key + SEPARATORS.get(skill, ""), table[key]) for key in sorted(table)]
 
 
 def base_facts(world: World) -> list[tuple[str, str]]:
@@ -92,7 +105,7 @@ def base_facts(world: World) -> list[tuple[str, str]]:
 def eval_docs(world: World, task: str) -> list[dict]:
     """Documents of one zoo task: every key of the skill with its new value (the base knows half of them).
     ``col_mc`` is ``col`` as an 8-way multiple choice over the colours."""
-    if task in SKILLS:
+    if task in SKILLS + (LAYER_SKILL,):
         return [{"prompt": prompt, "answer": answer} for prompt, answer in facts(world, task)]
     if task == "col_mc":
         return [{"prompt": prompt, "choices": list(COLOURS), "label": COLOURS.index(answer)}
@@ -100,4 +113,4 @@ def eval_docs(world: World, task: str) -> list[dict]:
     raise ValueError(f"unknown zoo task {task!r}; allowed: {', '.join(ZOO_TASKS)}")
 
 
-ZOO_TASKS = SKILLS + ("col_mc",)
+ZOO_TASKS = SKILLS + (LAYER_SKILL, "col_mc")
