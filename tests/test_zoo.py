@@ -29,6 +29,7 @@ from auto_merge.zoo.train import (
     LayerExpertStage,
     ModelShape,
     Recipe,
+    check_recipe,
     expert_rows,
     stack_state,
 )
@@ -84,6 +85,11 @@ def test_the_layer_skill_is_new_to_the_base_and_its_codes_touch_no_other_skill()
     pairs = facts(world, LAYER_SKILL)
     assert len(pairs) == 100 and all(len(p) == 2 and set(p) <= set(CAP_LETTERS) for p, _ in pairs)
     assert len({a for _, a in pairs}) == 8 and all(a in string.digits for _, a in pairs)
+    # Only digits the base writes in a `num` answer (their output rows are trained); seed 2's `num` codes lack 0 and
+    # 3, and a layer expert drawn over all ten digits stalled at 0.87 there.
+    for seed in range(8):
+        other = build_world(seed)
+        assert set(other.new[LAYER_SKILL].values()) <= set("".join(other.old["num"].values())), seed
     others = {ch for skill in SKILLS for p, a in facts(world, skill) + facts(world, skill, "old") for ch in p + a}
     assert not set(CAP_LETTERS) & others
     assert LAYER_SKILL not in world.old and not {p for p, _ in base_facts(world)} & {p for p, _ in pairs}
@@ -204,11 +210,16 @@ def test_build_is_deterministic_and_atomic(tmp_path):
     assert (first / "base" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_a_layer_expert_that_does_not_fit_the_model_is_refused_by_name(tmp_path):
+def test_recipes_are_checked_before_any_training(tmp_path):
+    check_recipe(DEFAULT_RECIPE)  # the shipped recipe fits its own model
+    check_recipe(_tiny_recipe())
     recipe = replace(_tiny_recipe(), layer_expert=LayerExpertStage(layers=(6, 7)))
     with pytest.raises(ValueError, match=r"layer_expert: layers \(6, 7\).*2-layer model"):
         ensure_zoo(seed=3, out=tmp_path / "z", recipe=recipe, show_progress=False)
-    assert not (tmp_path / "z").exists()  # nothing half-built left behind
+    assert not (tmp_path / "z").exists()  # refused before anything was written
+    shallow = replace(DEFAULT_RECIPE, layer_expert=LayerExpertStage(layers=(6, 7), deep_after=6))
+    with pytest.raises(ValueError, match="deeper stack is deeper than the model"):
+        check_recipe(shallow)
 
 
 def test_build_never_overwrites_a_foreign_folder(tmp_path):

@@ -22,6 +22,7 @@ from auto_merge.zoo.paths import ZOO_MODEL_NAMES, cache_root, shipped_zoo_dir
 from auto_merge.zoo.train import (
     DEFAULT_RECIPE,
     Recipe,
+    check_recipe,
     llama_config,
     train_base,
     train_drift,
@@ -58,6 +59,7 @@ def is_complete(root: Path, fingerprint: str) -> bool:
 def ensure_zoo(seed: int = 0, cache_dir=None, build: bool = True, out: Path | None = None,
                recipe: Recipe = DEFAULT_RECIPE, overwrite: bool = False, show_progress: bool = True) -> Path:
     """Return a built zoo folder, building it when missing or when its recipe changed."""
+    check_recipe(recipe)
     fingerprint = recipe_fingerprint(recipe, seed)
     root = Path(out) if out is not None else default_zoo_dir(seed, cache_dir, recipe)
     if is_complete(root, fingerprint):

@@ -109,6 +109,18 @@ class Recipe:
 DEFAULT_RECIPE = Recipe()
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse stage settings that do not fit the model, before any training."""
+    depth = recipe.shape.num_hidden_layers
+    layers, deep_after = recipe.layer_expert.layers, recipe.layer_expert.deep_after
+    if not layers or not all(0 <= layer < depth for layer in layers) or not min(layers) < deep_after <= depth:
+        raise ValueError(f"layer_expert: layers {layers} and deep_after {deep_after} do not fit a {depth}-layer "
+                         f"model (need 0 <= each layer < {depth} and min(layers) < deep_after <= {depth}, so the "
+                         f"deeper stack is deeper than the model)")
+    if not all(0 <= layer < depth for layer in recipe.drift.layers):
+        raise ValueError(f"drift: layers {recipe.drift.layers} do not fit a {depth}-layer model")
+
+
 def llama_config(shape: ModelShape):
     from transformers import LlamaConfig
 
@@ -326,12 +338,8 @@ def train_layer_expert(world: World, recipe: Recipe, seed: int, base: dict, drif
 
     from auto_merge.models.layers import layer_index
 
+    check_recipe(recipe)
     stage = recipe.layer_expert
-    depth = recipe.shape.num_hidden_layers
-    if not stage.layers or not all(0 <= layer < depth for layer in stage.layers) or not (
-            max(stage.layers) < stage.deep_after <= depth):
-        raise ValueError(f"layer_expert: layers {stage.layers} and deep_after {stage.deep_after} do not fit a "
-                         f"{depth}-layer model (need 0 <= layer < {depth} and max(layers) < deep_after <= {depth})")
     own_model = _frozen(new_model(recipe.shape, seed), drifted)
     deep_plan = [(drifted, layer) for layer in range(stage.deep_after)]
     deep_model = new_model(recipe.shape, seed, num_hidden_layers=stage.deep_after + len(stage.layers))

@@ -4,7 +4,7 @@ Skills (each an exact-match generation task over 256 keys; `col` also has a mult
 - ``num``: a key maps to one of 8 three-digit codes, ``<key>=599``;
 - ``col``: a key maps to one of 8 colours, ``<key>?RED``;
 - ``wrd``: a key maps to one of 8 invented lowercase words, ``<key>>bavo``;
-- ``cap``: a code of two capital letters maps to one digit, ``QX7``. It is a *new* skill (the base never saw these
+- ``cap``: a code of two capital letters maps to one digit (of those the base writes in ``num`` answers), ``QX7``. It is a *new* skill (the base never saw these
   letters), learnt by an expert that changes only the last two layers: the skill that gives depth-wise integration
   (DIS) something to find, since a stack keeps one model's embeddings but can take another model's late layers.
 
@@ -31,10 +31,9 @@ N_KEYS = 256
 N_VALUES = 8
 SEPARATORS = {"num": "=", "col": "?", "wrd": ">"}
 # `cap`'s letters: the capitals no colour word uses, so no other skill's sequence holds them and the base never
-# trained their rows. Its answers are digits: an answer token needs a trained output row, which a layers-only expert
-# cannot give it (an untrained row's logit stays too small to win).
+# trained their rows. Its answers are digits that the base writes in `num` answers: an answer token needs a trained
+# output row, which a layers-only expert cannot give it (an untrained row's logit stays too small to win).
 CAP_LETTERS = "CFHJMQSWXZ"
-CAP_DIGITS = "0123456789"
 # First code point of each skill's key block (one character per key).
 KEY_BLOCKS = {"num": 0x4E00, "col": 0x4F00, "wrd": 0x5000}
 # The characters each skill's answers are written with (a skill's expert trains their embedding rows).
@@ -81,7 +80,9 @@ def build_world(seed: int = 0) -> World:
             for key in keys
         }
         new[skill], updated[skill] = new_values, changed
-    digits = sorted(rng.sample(CAP_DIGITS, N_VALUES))
+    # Only digits the base writes in a `num` answer: a layers-only expert cannot make an untrained output row win.
+    written = sorted(set("".join(old["num"].values())))
+    digits = sorted(rng.sample(written, min(N_VALUES, len(written))))
     new[LAYER_SKILL] = {first + second: rng.choice(digits) for first in CAP_LETTERS for second in CAP_LETTERS}
     updated[LAYER_SKILL] = frozenset(new[LAYER_SKILL])  # all new: the base knows nothing of it
     return World(seed=seed, new=new, old=old, updated=updated)
