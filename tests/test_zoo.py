@@ -222,6 +222,19 @@ def test_recipes_are_checked_before_any_training(tmp_path):
         check_recipe(shallow)
 
 
+def test_report_scores_the_stacks_of_a_zoo_built_by_another_recipe(tmp_path):
+    """The depth bar's stacks follow the recipe in the zoo's manifest: the tiny recipe trains layer 1 of 2, so the
+    stacks are X[0:2] + cap[1:2] (one layer deeper) and X[0:1] + cap[1:2] (the base's depth)."""
+    from auto_merge.zoo.report import run_report
+
+    root = ensure_zoo(seed=3, out=tmp_path / "z", recipe=_tiny_recipe(), show_progress=False)
+    report = run_report(seed=3, samples=1, root=root)
+    depths = {r.label: r.setting["depth"] for r in report.stacks}
+    assert depths == {**{f"{x}[0:2] + cap[1:2]": 3 for x in SKILLS}, **{f"{x}[0:1] + cap[1:2]": 2 for x in SKILLS}}
+    assert report.best_deeper_stack.setting["depth"] == 3
+    assert "best stack deeper than the base" in report.render()
+
+
 def test_build_never_overwrites_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a zoo"):

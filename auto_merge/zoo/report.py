@@ -32,10 +32,9 @@ DEPTH_GAIN_BAR = 0.05
 EXPERTS = ("num", "col", "wrd")
 LAYER_EXPERT = "cap"
 OWN_TASK = {name: f"zoo_{name}" for name in EXPERTS + (LAYER_EXPERT,)}
-# Stacks scored for the depth bar: (row expert's layers [0, cut), then the layer expert's layers [6, 8)). A cut of 7
-# is one layer deeper than the base; a cut of 6 keeps the base's depth (shown for comparison, not for the bar).
-STACK_CUTS = (7, 6)
-LATE_LAYERS = (6, 8)
+# Stacks scored for the depth bar: a row expert's layers [0, cut), then the layer expert's trained layers [a, b)
+# (6-7 by the default recipe). A cut of a + 1 is one layer deeper than the base; a cut of a keeps the base's depth
+# (shown for comparison, not for the bar).
 TA_LAMBDAS = (0.3, 0.5, 0.7, 1.0, 1.2)
 TIES_SETTINGS = ({"density": 0.5, "lambda": 1.0}, {"density": 0.5, "lambda": 2.0})
 N_GROUPS = 4
@@ -322,10 +321,10 @@ def _score_layer_expert_and_stacks(root: Path, n_layers: int, score, progress: b
                                                      + (LAYER_EXPERT,)])
     evaluator = LiveEvaluator(model, tokenizer, TaskSuite(list(DEPTH_TASKS), include_paths=[root / "tasks"]),
                               batch_size=128)
-    start, end = LATE_LAYERS
+    start, end = _trained_layers(root)
     plans = [(LAYER_EXPERT, "layer_expert", [(LAYER_EXPERT, 0, n_layers)])]
     plans += [(f"{name}[0:{cut}] + {LAYER_EXPERT}[{start}:{end}]", "stack",
-               [(name, 0, cut), (LAYER_EXPERT, start, end)]) for cut in STACK_CUTS for name in EXPERTS]
+               [(name, 0, cut), (LAYER_EXPERT, start, end)]) for cut in (start + 1, start) for name in EXPERTS]
     rows = []
     for label, kind, plan in tqdm(plans, desc="zoo report: stacks", disable=not progress, dynamic_ncols=True):
         merger.apply(stack_recipe(root, plan))
@@ -333,6 +332,17 @@ def _score_layer_expert_and_stacks(root: Path, n_layers: int, score, progress: b
         setting = {"plan": [list(p) for p in plan], "depth": depth, "base_depth": n_layers}
         rows.append(Row(label, kind, score(evaluator), setting))
     return rows
+
+
+def _trained_layers(root: Path) -> tuple[int, int]:
+    """[first, end) of the layers the zoo's layer expert trained, from its manifest's recipe."""
+    from auto_merge.zoo.build import MANIFEST
+    from auto_merge.zoo.train import DEFAULT_RECIPE
+
+    manifest = root / MANIFEST
+    recipe = json.loads(manifest.read_text()).get("recipe", {}) if manifest.is_file() else {}
+    layers = recipe.get("layer_expert", {}).get("layers", DEFAULT_RECIPE.layer_expert.layers)
+    return min(layers), max(layers) + 1
 
 
 def _restore_base(model, sources) -> None:
