@@ -235,6 +235,16 @@ def test_report_scores_the_stacks_of_a_zoo_built_by_another_recipe(tmp_path):
     assert "best stack deeper than the base" in report.render()
 
 
+def test_report_on_a_zoo_without_the_layer_expert_says_how_to_rebuild_it(tmp_path):
+    import shutil
+
+    from auto_merge.zoo.report import run_report
+
+    old = shutil.copytree(SHIPPED_ROOT / "seed0", tmp_path / "zoo", ignore=shutil.ignore_patterns("cap"))
+    with pytest.raises(FileNotFoundError, match=r"has no cap/ model.*auto-merge zoo build --overwrite"):
+        run_report(root=old)
+
+
 def test_build_never_overwrites_a_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a zoo"):
