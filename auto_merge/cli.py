@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_build.add_argument("--seed", type=_seed, default=0)
     zoo_build.add_argument("--overwrite", action="store_true", help="rebuild into --out even if it holds a zoo")
     zoo_build.set_defaults(handler=cmd_zoo_build)
-    zoo_report = zoo_commands.add_parser("report", help="score base, experts, merges and layer stacks on the zoo's tasks")
+    zoo_report = zoo_commands.add_parser("report",
+                                         help="score base, experts, merges and layer stacks on the zoo's tasks")
     zoo_report.add_argument("--seed", type=_seed, default=0)
     zoo_report.add_argument("--samples", type=_count, default=30, help="random per-layer-group merges to try")
     zoo_report.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")

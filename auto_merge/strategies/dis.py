@@ -292,8 +292,9 @@ class DisBlock(SearchSettings):
         "mlp.down_proj", min_length=1, description="New. The tensor (name substring) of each layer that a "
         "position's output scale multiplies: the MLP output projection, so the scale acts on the MLP branch")
     scale_range: list[float] = Field(
-        list(DEFAULT_SCALE_RANGE), min_length=2, max_length=2, description="New. [low, high] of each position's output scale (the reference's "
-        "[0, 2] by default); a narrower range keeps stacked layers near their trained output size")
+        list(DEFAULT_SCALE_RANGE), min_length=2, max_length=2, description="New. [low, high] of each position's "
+        "output scale (the reference's [0, 2] by default); a narrower range keeps stacked layers near their trained "
+        "output size")
 
     _check_models = field_validator("models")(classmethod(check_model_list))
 

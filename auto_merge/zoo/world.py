@@ -4,12 +4,14 @@ Skills (each an exact-match generation task over 256 keys; `col` also has a mult
 - ``num``: a key maps to one of 8 three-digit codes, ``<key>=599``;
 - ``col``: a key maps to one of 8 colours, ``<key>?RED``;
 - ``wrd``: a key maps to one of 8 invented lowercase words, ``<key>>bavo``;
-- ``cap``: a code of two capital letters maps to one digit (of those the base writes in ``num`` answers), ``QX7``. It is a *new* skill (the base never saw these
-  letters), learnt by an expert that changes only the last two layers: the skill that gives depth-wise integration
-  (DIS) something to find, since a stack keeps one model's embeddings but can take another model's late layers.
+- ``cap``: a code of two capital letters maps to one digit (of those the base writes in ``num`` answers), ``QX7``.
+  It is a *new* skill (the base never saw these letters), learnt by an expert that changes only the last two
+  layers: the skill that gives depth-wise integration (DIS) something to find, since a stack keeps one model's
+  embeddings but can take another model's late layers.
 
-Every key is one token (a character from the skill's own block of CJK ideographs; only the token ids matter to
-the models), and no token is shared between skills except `<s>`/`</s>`. Each skill has ``new`` facts (what the
+Every key of the first three is one token (a character from the skill's own block of CJK ideographs; only the token
+ids matter to the models), and no token is shared between skills except `<s>`/`</s>` (and the digits `cap` answers
+with, which `num` writes). Each skill has ``new`` facts (what the
 tasks score) and ``old`` facts: half of the keys were updated (old != new there). The base model learns the old facts
 of every skill, so it scores exactly 0.5 on each task; the expert of a skill learns its new facts. Because each
 skill's prompts and answers use tokens no other skill uses, an expert's change can live in rows that only its own
