@@ -265,8 +265,8 @@ def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_d
     evaluator = LiveEvaluator(model, tokenizer, suite, batch_size=128)
     sources = ResidentSources.from_checkpoints(root / "base", [root / name for name in EXPERTS])
 
-    def score(on=evaluator) -> dict[str, float]:
-        results = on.evaluate()
+    def score() -> dict[str, float]:
+        results = evaluator.evaluate()
         return {task: results[task][HEADLINE_METRIC] for task in DEPTH_TASKS}
 
     def uniform(spec: TensorSpec):
@@ -297,7 +297,7 @@ def run_report(seed: int = 0, samples: int = 30, progress: bool = False, cache_d
         else:
             materialise_into(model, sources, plan, seed=seed)
         rows.append(Row(label, kind, score(), setting))
-    rows += _score_layer_expert_and_stacks(root, n_layers, score, progress)
+    rows += _score_layer_expert_and_stacks(root, model, score, progress)
     return ZooReport(seed=seed, rows=rows, seconds=time.perf_counter() - started)
 
 
@@ -309,18 +309,16 @@ def stack_recipe(root: Path, plan: list[tuple[str, int, int]]) -> dict:
     return {"base_model": str(root / "base"), "dtype": "float32", "slices": slices}
 
 
-def _score_layer_expert_and_stacks(root: Path, n_layers: int, score, progress: bool) -> list[Row]:
-    """The layer expert alone, and each row expert's first layers stacked under its late layers."""
+def _score_layer_expert_and_stacks(root: Path, model, score, progress: bool) -> list[Row]:
+    """The layer expert alone, and each row expert's first layers stacked under its late layers, written into the
+    report's live model (its depth follows each stack) and scored by the same evaluator."""
     from tqdm.auto import tqdm
 
-    from auto_merge.evaluation.lm_eval_runner import LiveEvaluator, TaskSuite, load_checkpoint
     from auto_merge.merge.live import LiveMerger
 
-    model, tokenizer = load_checkpoint(root / "base")
+    n_layers = model.config.num_hidden_layers
     merger = LiveMerger(model, device="cpu", models=[str(root / name) for name in ("base",) + EXPERTS
                                                      + (LAYER_EXPERT,)])
-    evaluator = LiveEvaluator(model, tokenizer, TaskSuite(list(DEPTH_TASKS), include_paths=[root / "tasks"]),
-                              batch_size=128)
     start, end = _trained_layers(root)
     plans = [(LAYER_EXPERT, "layer_expert", [(LAYER_EXPERT, 0, n_layers)])]
     plans += [(f"{name}[0:{cut}] + {LAYER_EXPERT}[{start}:{end}]", "stack",
@@ -330,7 +328,7 @@ def _score_layer_expert_and_stacks(root: Path, n_layers: int, score, progress: b
         merger.apply(stack_recipe(root, plan))
         depth = sum(end - begin for _, begin, end in plan)
         setting = {"plan": [list(p) for p in plan], "depth": depth, "base_depth": n_layers}
-        rows.append(Row(label, kind, score(evaluator), setting))
+        rows.append(Row(label, kind, score(), setting))
     return rows
 
 

@@ -55,7 +55,7 @@ class World:
     seed: int
     new: dict[str, dict[str, str]]  # skill -> key -> value the tasks score
     old: dict[str, dict[str, str]]  # skill -> key -> value the base learns (== new on the keys not updated); no `cap`
-    updated: dict[str, frozenset[str]]  # skill -> the 128 keys whose value changed
+    updated: dict[str, frozenset[str]]  # skill -> the 128 keys whose value changed; no `cap` (all of it is new)
 
 
 def build_world(seed: int = 0) -> World:
@@ -86,7 +86,6 @@ def build_world(seed: int = 0) -> World:
     written = sorted(set("".join(old["num"].values())))
     digits = sorted(rng.sample(written, min(N_VALUES, len(written))))
     new[LAYER_SKILL] = {first + second: rng.choice(digits) for first in CAP_LETTERS for second in CAP_LETTERS}
-    updated[LAYER_SKILL] = frozenset(new[LAYER_SKILL])  # all new: the base knows nothing of it
     return World(seed=seed, new=new, old=old, updated=updated)
 
 
