@@ -337,6 +337,25 @@ def test_shortlist_ranks_each_configuration_by_its_highest_budget_score():
     assert shortlist(records, 10) == [{"x": "b"}, {"x": "c"}, {"x": "a"}, {"x": "d"}]
 
 
+def test_shortlist_keeps_the_best_full_budget_trials_among_perfect_low_budget_scores():
+    """Near the ceiling, 28 of 28 at the lowest rung beats 767 of 768 at the full budget by score alone; the
+    shortlist still holds the best configurations that reached the full budget."""
+    from auto_merge.search.outputs import shortlist
+
+    def record(name, budget, score):
+        return {"configuration": {"x": name}, "budget": budget, "score": score}
+
+    records = [record(f"low{i}", 28, 1.0) for i in range(6)] + [
+        record("full_a", 28, 1.0), record("full_a", 256, 767 / 768),
+        record("full_b", 28, 1.0), record("full_b", 256, 760 / 768),
+        record("full_c", 28, 1.0), record("full_c", 256, 700 / 768)]
+    chosen = shortlist(records, 4)
+    assert len(chosen) == 4
+    assert chosen[2:] == [{"x": "full_a"}, {"x": "full_b"}]
+    assert all(c["x"].startswith("low") for c in chosen[:2])
+    assert shortlist(records, 1) == [{"x": "full_a"}]
+
+
 def test_random_search_and_full_fidelity_bo_run(tmp_path):
     for optimizer in ("random", "bo"):
         config = write_config(tmp_path, n_trials=4, optimizer=optimizer, name=f"{optimizer}.yaml")

@@ -305,7 +305,13 @@ SHORTLIST_SIZE = 4
 
 
 def shortlist(records: list[dict], size: int) -> list[dict]:
-    """The `size` configurations with the best score at the highest budget each was evaluated at."""
+    """Up to `size` configurations to re-score on every example: first the best half of those that reached the
+    highest budget of the run, then the best of the rest, each ranked by its score at the highest budget it reached.
+
+    Ranking all budgets together is not enough: near a task's ceiling a perfect score on the 28 examples of the
+    lowest rung outranks 767 of 768 at the full budget, and a shortlist of low-budget perfect scores then leaves out
+    the run's best full-budget trial (SMAC's incumbent need not be it: with highest_observed_budget it can be a
+    configuration that never reached the full budget)."""
     best: dict[str, tuple[float, float, dict]] = {}
     for record in records:
         key = _config_key(record["configuration"])
@@ -313,7 +319,11 @@ def shortlist(records: list[dict], size: int) -> list[dict]:
         if key not in best or budget >= best[key][0]:
             best[key] = (budget, record["score"], record["configuration"])
     ranked = sorted(best.values(), key=lambda item: item[1], reverse=True)
-    return [configuration for _, _, configuration in ranked[:size]]
+    top_budget = max(budget for budget, _, _ in ranked) if ranked else None
+    at_top = [item for item in ranked if item[0] == top_budget][: max(1, size // 2)]
+    chosen = at_top + [item for item in ranked if item not in at_top][: size - len(at_top)]
+    chosen.sort(key=lambda item: item[1], reverse=True)
+    return [configuration for _, _, configuration in chosen[:size]]
 
 
 def _final_scores(info: dict) -> dict:
