@@ -107,7 +107,12 @@ def test_hyperband_round_matches_smacs_brackets():
     # min 100, max 1000, eta 3 (the reference's schedule): 9@111, 3@333, 1@1000 | 5@333, 1@1000 | 3@1000.
     stages = [(n, round(b, 1)) for n, b in hyperband_round(100, 1000, 3)]
     assert stages == [(9, 111.1), (3, 333.3), (1, 1000.0), (5, 333.3), (1, 1000.0), (3, 1000.0)]
-    assert trials_for_total_budget(8667, 100, 1000, 3, "hyperband") == 22
+    # A promotion pays only for the examples it adds (nested subsets, cached results): 9x111 + 3x222 + 1x667 |
+    # 5x333 + 1x667 | 3x1000 = 7667 budget units for the round's 22 trials.
+    assert trials_for_total_budget(7667, 100, 1000, 3, "hyperband") == 22
+    assert trials_for_total_budget(7667 * 2, 100, 1000, 3, "hyperband") == 44
+    assert trials_for_total_budget(7600, 100, 1000, 3, "hyperband") == 21
+    assert trials_for_total_budget(3000, 100, 1000, 3, "random") == 3
 
 
 def test_search_end_to_end_writes_every_output_and_replays(tmp_path):
@@ -337,6 +342,30 @@ def test_shortlist_ranks_each_configuration_by_its_highest_budget_score():
     assert shortlist(records, 10) == [{"x": "b"}, {"x": "c"}, {"x": "a"}, {"x": "d"}]
 
 
+def test_total_budget_pays_for_the_sources_scoring_first(tmp_path):
+    """With evaluation.stratify: sources, total_budget includes the upfront scoring of the base and the experts
+    (4 full evaluations here): the trials get the rest, and a total_budget that leaves nothing is refused by key
+    before any model is loaded."""
+    from auto_merge.config import ConfigError, load_experiment
+    from auto_merge.search.driver import _trial_budget
+
+    def config_with(total_budget: float, stratify: str):
+        path = write_config(tmp_path, n_trials=0, stratify=stratify, name=f"{stratify}-{total_budget}.yaml")
+        data = yaml.safe_load(path.read_text())
+        data["strategies"]["lfs"]["total_budget"] = total_budget
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    # max_budget 30, base + 3 experts: 120 budget units before the first trial.
+    assert _trial_budget(load_experiment(config_with(300, "sources"), check_models=False)) == 180
+    assert _trial_budget(load_experiment(config_with(300, "none"), check_models=False)) == 300
+    with pytest.raises(ConfigError) as caught:
+        load_experiment(config_with(120, "sources"), check_models=False)
+    message = str(caught.value)
+    assert "sources-120.yaml" in message and "total_budget" in message
+    assert "total_budget > 120" in message and "stratify: none" in message
+
+
 def test_shortlist_keeps_the_best_full_budget_trials_among_perfect_low_budget_scores():
     """Near the ceiling, 28 of 28 at the lowest rung beats 767 of 768 at the full budget by score alone; the
     shortlist still holds the best configurations that reached the full budget."""
@@ -457,8 +486,9 @@ def test_cmaes_maps_each_parameter_range_to_the_unit_interval():
 
 
 def test_successive_halving_starts_every_configuration_at_the_smallest_budget(tmp_path):
-    # One successive-halving round for min 100, max 1000, eta 3: 9@111, 3@333, 1@1000 = 13 trials, 3000 examples.
-    assert trials_for_total_budget(3000, 100, 1000, 3, "successive_halving") == 13
+    # One successive-halving round for min 100, max 1000, eta 3: 9@111, 3@333, 1@1000 = 13 trials; with the
+    # promotions paying only for their new examples, 9x111 + 3x222 + 1x667 = 2333 examples.
+    assert trials_for_total_budget(2334, 100, 1000, 3, "successive_halving") == 13
     config = write_config(tmp_path, n_trials=13, optimizer="successive_halving", name="sh.yaml")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

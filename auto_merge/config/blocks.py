@@ -322,7 +322,9 @@ class SearchSettings(StrictModel):
 
     n_trials: int = Field(ge=0, description="SMAC trials (configuration, budget) to run; 0 = derive from "
                                             "total_budget")
-    total_budget: float = Field(0, ge=0, description="Total budget; only used when n_trials is 0")
+    total_budget: float = Field(0, ge=0, description="Total compute in budget units (one full evaluation = "
+                                                     "max_budget); only used when n_trials is 0, to get as many "
+                                                     "trials as it pays for")
     min_budget: float = Field(20, gt=0, description="Smallest fidelity: evaluation examples per (sub)task")
     max_budget: float = Field(1000, gt=0, description="Largest fidelity: evaluation examples per (sub)task")
     eta: int = Field(3, ge=2, description="Hyperband eta")

@@ -238,6 +238,12 @@ class GlobalParams(StrictModel):
         return self
 
 
+def sources_scoring_budget(block) -> float:
+    """What `evaluation.stratify: sources` spends before the first trial, in budget units (one full evaluation =
+    max_budget): the base and each expert scored on every example."""
+    return len(dict.fromkeys([block.base_model, *block.models])) * block.max_budget
+
+
 def strategy_names() -> tuple[str, ...]:
     from auto_merge.strategies.registry import list_strategies
 
@@ -302,6 +308,14 @@ class ExperimentConfig(StrictModel):
         if hasattr(block, "runnable_issues"):
             issues += [Issue(("strategies", self.strategy) + issue.subpath, issue.message, issue.allowed)
                        for issue in block.runnable_issues()]
+        if getattr(block, "n_trials", None) == 0 and self.global_params.evaluation.stratify == "sources":
+            upfront = sources_scoring_budget(block)
+            if block.total_budget <= upfront:
+                issues.append(Issue(("strategies", self.strategy, "total_budget"),
+                                    f"total_budget {block.total_budget:g} is spent before the first trial: "
+                                    f"evaluation.stratify: sources first scores the base and each expert on every "
+                                    f"example, {upfront:g} in budget units",
+                                    f"total_budget > {upfront:g}, or evaluation.stratify: none"))
         if getattr(block, "optimizer", None) == "cmaes" and self.strategy != "lfs":
             issues.append(Issue(("strategies", self.strategy, "optimizer"),
                                 f"optimizer cmaes searches continuous merge weights for one objective: it runs the "

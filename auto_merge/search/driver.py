@@ -49,15 +49,35 @@ def hyperband_round(min_budget: float, max_budget: float, eta: int) -> list[tupl
 
 def trials_for_total_budget(total_budget: float, min_budget: float, max_budget: float, eta: int,
                             optimizer: str) -> int:
-    """`n_trials: 0` means: as many trials as `total_budget` examples pay for."""
+    """`n_trials: 0` means: as many trials as `total_budget` examples pay for.
+
+    A promoted configuration pays only for the examples its new budget adds: the subsets are nested and every
+    example's result is cached (eval_cache.sqlite). Counting each promotion at its whole budget made successive
+    halving stop at about 3/4 of the compute it was given."""
     if optimizer not in MULTI_FIDELITY:
         return max(1, int(total_budget // max_budget))
     stages = hyperband_round(min_budget, max_budget, eta)
     if optimizer == "successive_halving":  # Hyperband's first (most aggressive) bracket, repeated
         stages = stages[: int(math.floor(math.log(max_budget / min_budget) / math.log(eta) + 1e-9)) + 1]
     trials = sum(n for n, _ in stages)
-    cost = sum(n * b for n, b in stages)
+    cost, previous = 0.0, None
+    for n, budget in stages:
+        # Within a bracket the budgets rise; a budget that does not rise starts the next bracket.
+        already = previous if previous is not None and previous < budget else 0.0
+        cost += n * (budget - already)
+        previous = budget
     return max(1, int(total_budget / cost * trials))
+
+
+def _trial_budget(config) -> float:
+    """total_budget less what `evaluation.stratify: sources` spends before the first trial (the config checks refuse
+    a total_budget that this leaves at nothing)."""
+    from auto_merge.config.schema import sources_scoring_budget
+
+    block = config.selected
+    if config.global_params.evaluation.stratify == "sources":
+        return block.total_budget - sources_scoring_budget(block)
+    return block.total_budget
 
 
 def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: int, callbacks):
@@ -266,7 +286,7 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         trust_remote_code=config.global_params.trust_remote_code,
         trial_walltime_limit=block.trial_walltime_limit,
     )
-    n_trials = block.n_trials or trials_for_total_budget(block.total_budget, block.min_budget, block.max_budget,
+    n_trials = block.n_trials or trials_for_total_budget(_trial_budget(config), block.min_budget, block.max_budget,
                                                          block.eta, block.optimizer)
     progress = ProgressLine(n_trials, enabled=show_progress)
     recorder = TrialRecorder(run_dir / TRIALS_LOG, progress, objectives=objectives)
