@@ -213,14 +213,14 @@ def main() -> None:
             needed = reach(mine["curve"], target) if target is not None else None
             their_total = theirs["curve"][-1][0]
             shares.append(needed / their_total if needed is not None and their_total else None)
-        text = ", ".join(f"{x:.2f}" if x is not None else "never" for x in shares)
+        text = ", ".join(f"{x:.3f}" if x is not None else "never" for x in shares)
         ok = all(x is not None and x <= share + 1e-9 for x in shares)
         print(f"S3 compute to reach {rival}'s final best (same seed), as a share of {rival}'s compute: {text} "
               f"(goal <= {share:.2f} on every seed): {'met' if ok else 'NOT met'}")
         # Context, not the goal: near the zoo's ceiling (0.9987) one example of 768 decides "reached".
         near = [reach(mine["curve"], theirs["curve"][-1][1] - 0.005) for mine, theirs in zip(items, runs[rival])]
         print("   within 0.5 points of it: "
-              + ", ".join(f"{n / theirs['curve'][-1][0]:.2f}" if n is not None else "never"
+              + ", ".join(f"{n / theirs['curve'][-1][0]:.3f}" if n is not None else "never"
                           for n, theirs in zip(near, runs[rival])))
     correlations = [r["rank_correlation"] for r in items if r["rank_correlation"] is not None]
     if correlations:
