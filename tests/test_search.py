@@ -367,7 +367,7 @@ def test_total_budget_pays_for_the_sources_scoring_first(tmp_path):
 
 
 def test_shortlist_keeps_the_best_full_budget_trials_among_perfect_low_budget_scores():
-    """Near the ceiling, 28 of 28 at the lowest rung beats 767 of 768 at the full budget by score alone; the
+    """Near the ceiling, a perfect score at the lowest rung beats 767 of 768 at the full budget by score alone; the
     shortlist still holds the best configurations that reached the full budget."""
     from auto_merge.search.outputs import shortlist
 

@@ -308,7 +308,7 @@ def shortlist(records: list[dict], size: int) -> list[dict]:
     """Up to `size` configurations to re-score on every example: first the best half of those that reached the
     highest budget of the run, then the best of the rest, each ranked by its score at the highest budget it reached.
 
-    Ranking all budgets together is not enough: near a task's ceiling a perfect score on the 28 examples of the
+    Ranking all budgets together is not enough: near the ceiling a perfect score on the 28 examples per task of the
     lowest rung outranks 767 of 768 at the full budget, and a shortlist of low-budget perfect scores then leaves out
     the run's best full-budget trial (SMAC's incumbent need not be it: with highest_observed_budget it can be a
     configuration that never reached the full budget)."""
