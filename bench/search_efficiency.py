@@ -31,16 +31,21 @@ OPTIMIZERS = ("hyperband", "successive_halving", "random", "bo", "cmaes")
 
 
 def write_config(folder: Path, variant: str, seed: int, total_examples: float, full_examples: int) -> Path:
-    """`variant`: an optimizer, or OPTIMIZER:STRATIFY (evaluation.stratify, e.g. successive_halving:sources)."""
+    """`variant`: an optimizer, or OPTIMIZER:STRATIFY (evaluation.stratify, e.g. successive_halving:sources), either
+    with +contested (evaluation.contested_first: true) or +seeded (false; otherwise the demo config's setting)."""
+    variant_name = variant
+    variant, _, order = variant.partition("+")
     optimizer, _, stratify = variant.partition(":")
     config, base = demo_lfs_config(folder)
     # total_budget is in budget units: one full evaluation = max_budget units = full_examples examples.
     base.update(optimizer=optimizer, n_trials=0,
                 total_budget=total_examples / full_examples * base["max_budget"],
-                run_name=f"{variant.replace(':', '-')}-seed{seed}")
+                run_name=f"{variant_name.replace(':', '-').replace('+', '-')}-seed{seed}")
     # The reference points come from `auto-merge zoo report`; the search's own baselines would only repeat them.
     config["global_params"].update(random_seed=seed, baselines=False)
     config["global_params"]["evaluation"]["stratify"] = stratify or "none"
+    if order:
+        config["global_params"]["evaluation"]["contested_first"] = order == "contested"
     config["strategies"] = {"lfs": base}
     path = folder / f"{base['run_name']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -126,8 +131,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/auto-merge-search-efficiency"))
     args = parser.parse_args()
     for variant in args.variants:
-        if variant.partition(":")[0] not in OPTIMIZERS:
+        if variant.partition("+")[0].partition(":")[0] not in OPTIMIZERS:
             parser.error(f"unknown optimizer in {variant!r}: one of {', '.join(OPTIMIZERS)}")
+        if variant.partition("+")[2] not in ("", "contested", "seeded"):
+            parser.error(f"unknown order in {variant!r}: +contested or +seeded")
 
     from auto_merge.search.driver import run_search
     from auto_merge.search.outputs import STRATA_RECORD, read_trials

@@ -114,6 +114,57 @@ def test_strata_are_interleaved_so_every_prefix_holds_each_in_its_share():
     assert subsets.order["u"] == NestedSubsets(docs, seed=3, rule=rule).order["u"]  # unlabelled: as before
 
 
+def test_contested_documents_come_first_most_disputed_first_and_the_rest_keep_their_order():
+    from auto_merge.evaluation.budget import contested_first
+
+    docs = {"t": [DocumentRef("t", i) for i in range(12)], "u": [DocumentRef("u", i) for i in range(4)]}
+    subsets = NestedSubsets(docs, seed=3, rule=BudgetRule(reference_size=12, min_examples=1))
+    order = subsets.order["t"]
+    spread = {order[7]: 0.25, order[2]: 0.25, order[9]: 0.5, order[4]: 0.0}
+    assert contested_first(order, spread) == [order[9], order[2], order[7]] + [
+        ref for ref in order if ref not in (order[9], order[2], order[7])]
+    reordered = subsets.reordered({"t": spread})
+    assert reordered.order["t"] == contested_first(order, spread)
+    assert reordered.order["u"] == subsets.order["u"]  # no spread given: as before
+    assert reordered.select(3)["t"] == reordered.order["t"][:3] and reordered.examples(6) == subsets.examples(6)
+    assert subsets.order["t"] == order  # the run's own order is left as it was
+
+
+def _write_results(cache, evaluator, fingerprint, wrong):
+    """Store a candidate's results on every document: exact_match 0 on the (task, doc_id) pairs in `wrong`."""
+    cache.put(fingerprint, {(leaf, evaluator.contexts[leaf]): {
+        i: {"exact_match,none": 0.0 if (leaf, i) in wrong else 1.0} for i in range(256)}
+        for leaf in ("zoo_num", "zoo_wrd")})
+    time.sleep(0.01)  # write times order the candidates
+
+
+def test_contested_first_orders_each_candidate_by_the_best_candidates_completed_before_it(zoo, base, tmp_path):
+    path = tmp_path / "cache.sqlite"
+    evaluator = zoo_evaluator(zoo, base, path, tasks=("zoo_num", "zoo_wrd"), contested_first=True)
+    run_order = evaluator.subsets.order
+    everything = {("zoo_num", i) for i in range(256)} | {("zoo_wrd", i) for i in range(256)}
+    _write_results(evaluator.cache, evaluator, "good", {("zoo_num", 5), ("zoo_num", 6)})
+    assert evaluator.subsets_for("next").order == run_order  # one complete candidate: nothing to compare yet
+    early = evaluator.evaluate("early", 20)  # scored before the others completed
+    _write_results(evaluator.cache, evaluator, "worst", everything)
+    _write_results(evaluator.cache, evaluator, "better", {("zoo_num", 5), ("zoo_wrd", 7)})
+    # The better half of the three is good and better: they disagree on num 6 and wrd 7 (both miss num 5; "worst"
+    # misses everything but is not among the best), so those come first and the rest keep the run's order.
+    later = evaluator.subsets_for("later").order
+    assert later["zoo_num"][0] == DocumentRef("zoo_num", 6) and later["zoo_wrd"][0] == DocumentRef("zoo_wrd", 7)
+    assert later["zoo_num"][1:] == [ref for ref in run_order["zoo_num"] if ref.doc_id != 6]
+    promoted = evaluator.evaluate("later", 20)
+    assert promoted.examples == early.examples
+    assert evaluator.evaluate("later", 60).evaluated == sum(promoted.examples.values()) * 2  # nested: 40 new each
+    # A candidate keeps the order of its first evaluation: "early" is promoted on the run's order, only new documents.
+    assert evaluator.subsets_for("early").order == run_order
+    assert evaluator.evaluate("early", 60).evaluated == 2 * (60 - 20)
+    # Derived from the cache alone: another process (a worker, a resumed run) finds the same orders.
+    again = zoo_evaluator(zoo, base, path, tasks=("zoo_num", "zoo_wrd"), contested_first=True)
+    assert again.subsets_for("early").order == run_order and again.subsets_for("later").order == later
+    assert zoo_evaluator(zoo, base, path, tasks=("zoo_num", "zoo_wrd")).subsets_for("later").order == run_order
+
+
 # ------------------------------------------------------------------------------------------------- nesting
 
 

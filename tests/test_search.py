@@ -55,6 +55,39 @@ def write_config(folder: Path, *, strategy: str = "lfs", n_trials: int = 6, n_wo
     return path
 
 
+def test_model_min_results_picks_the_budget_the_model_learns_from(tmp_path):
+    """With 2 results at the top budget and 14 at the lowest: BOHB's rule (a 12-dimensional space needs 13 results)
+    and a minimum of 3 learn from the lowest budget; SMAC's default (1) from the top budget's 2."""
+    from types import SimpleNamespace
+
+    from ConfigSpace import ConfigurationSpace, Float
+    from smac import MultiFidelityFacade, Scenario
+    from smac.runhistory import RunHistory
+    from smac.runhistory.encoder import RunHistoryEncoder
+
+    from auto_merge.search.driver import _config_selector
+
+    space = ConfigurationSpace(seed=0)
+    space.add([Float(f"x{i}", (0, 1)) for i in range(12)])
+    scenario = Scenario(space, n_trials=90, deterministic=True, output_directory=tmp_path, min_budget=1, max_budget=9)
+    history = RunHistory()
+    for i, config in enumerate(space.sample_configuration(14)):
+        history.add(config, cost=0.5 + i / 100, budget=1.0)
+        if i < 2:
+            history.add(config, cost=0.4, budget=9.0)
+    considered = {}
+    for minimum in ("bohb", 3, 1, 2):
+        block = SimpleNamespace(optimizer="successive_halving", model_min_results=minimum)
+        selector = _config_selector(block, scenario, space) or MultiFidelityFacade.get_config_selector(scenario)
+        encoder = RunHistoryEncoder(scenario)
+        encoder.runhistory = history
+        selector._runhistory, selector._runhistory_encoder = history, encoder
+        X, _, _ = selector._collect_data()
+        considered[minimum] = (X.shape[0], selector._considered_budgets)
+    assert considered == {"bohb": (14, [1.0]), 3: (14, [1.0]), 1: (2, [9.0]), 2: (2, [9.0])}
+    assert _config_selector(SimpleNamespace(optimizer="bo", model_min_results="bohb"), scenario, space) is None
+
+
 def test_the_surrogate_bound_changes_no_prediction(tmp_path):
     """The driver's random forest (its leaf bound cut to 2 n_trials + 16) predicts exactly what SMAC's default
     (2**20 leaves, ~30x slower to fit) predicts, on as many rows as the run has trials."""

@@ -148,6 +148,26 @@ def test_initial_design_has_each_expert_alone_and_uniform_merges():
     assert {"linear"} in methods and {"task_arithmetic"} in methods
 
 
+def test_initial_design_starts_every_other_method_at_its_defaults_but_slerp():
+    from auto_merge.search.baselines import TIES_DEFAULTS
+
+    strategy = zoo_strategy()
+    designs = [strategy.decode(c) for c in strategy.initial_configurations(strategy.build_space())]
+    uniform = {d["slices"][0]["merge_method"]: d for d in designs[len(EXPERTS):]
+               if len({s["merge_method"] for s in d["slices"]}) == 1}
+    # linear and task arithmetic have their own uniform designs; slerp merges a searched pair, not every expert
+    assert set(uniform) == {"linear", "task_arithmetic", "ties", "dare_ties", "della", "fourier"}
+    for slice_ in uniform["ties"]["slices"]:  # TIES at the defaults of the baseline it is judged against
+        assert [v["value"] for v in slice_["parameters"]["lambda"]] == [TIES_DEFAULTS["lambda"]] * 3
+        for source in slice_["sources"]:
+            assert source["parameters"]["weight"] == 1.0
+            assert [v["value"] for v in source["parameters"]["density"]] == [TIES_DEFAULTS["density"]] * 3
+    only_ties = zoo_strategy(method_ranges={"ties": {"density": {"min": 0.6, "max": 0.9}}})
+    ties_design = next(d for d in map(only_ties.decode, only_ties.initial_configurations(only_ties.build_space()))
+                       if d["slices"][0]["merge_method"] == "ties")
+    assert ties_design["slices"][0]["sources"][0]["parameters"]["density"][0]["value"] == 0.6  # clipped into range
+
+
 def test_bad_strategy_settings_are_refused():
     with pytest.raises(StrategyError, match="does not divide"):
         zoo_strategy(layer_granularity=3)

@@ -337,6 +337,11 @@ class SearchSettings(StrictModel):
                                  "bo: BO with every trial at max_budget; random: random search at max_budget; "
                                  "cmaes: CMA-ES over the continuous weights at max_budget, each group's method "
                                  "fixed at the first one listed (lfs only; trials one at a time)")
+    model_min_results: Union[Literal["bohb"], int] = Field(
+        1, description="New. hyperband and successive_halving: SMAC's model learns from the highest budget with at "
+                       "least this many results. 1 (SMAC's default): the highest budget with any result, so early in "
+                       "a run a handful of full evaluations steer it; bohb: the space's hyperparameters + 1 "
+                       "(BOHB's rule); a number: that many")
     dask_scheduler: Optional[str] = Field(
         None, description="New. Address of an existing dask scheduler (e.g. tcp://host:8786) to run trials on "
                           "instead of starting a local cluster of n_workers")
@@ -353,6 +358,13 @@ class SearchSettings(StrictModel):
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
         description="New. Folder name of this run under output_path (default: the strategy): one plain name, "
                     "so the run stays inside output_path")
+
+    @field_validator("model_min_results", mode="before")
+    @classmethod
+    def _check_model_min_results(cls, value: Any) -> Any:
+        if value == "bohb" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise_issues([Issue((), f"{show_value(value)} is not a number of results", "bohb, or a whole number >= 1")])
 
     @field_validator("queued_per_worker", mode="before")
     @classmethod

@@ -20,6 +20,13 @@ one or two documents. `examples` never decreases when b grows, so the selections
 and that noise decides which candidates a successive-halving rung promotes. Given a label per document (the search
 labels each by how the source models answer it: `evaluation.stratify: sources`), the order interleaves the labels so
 that every prefix holds each in its share; still one fixed order per task, so the selections stay nested.
+
+**Contested first** (optional). Near the top of a search most documents are answered alike by every good candidate:
+they cannot tell the good ones apart, and a small budget of them promotes a candidate by chance. Given how much the
+best fully scored candidates so far disagree on each document (the variance of their values), the order moves the
+documents they disagree on to the front, most disputed first; the others keep their order. The evaluator computes
+it per candidate from the candidates completed before that candidate's first evaluation, so all of one candidate's
+budgets select nested subsets of one order (`BudgetedEvaluator`, `evaluation.contested_first`).
 """
 
 from __future__ import annotations
@@ -107,6 +114,14 @@ def stratified_order(task: str, documents: Sequence[DocumentRef], labels: Mappin
     return order
 
 
+def contested_first(order: Sequence[DocumentRef], spread: Mapping[DocumentRef, float]) -> list[DocumentRef]:
+    """`order` with the documents of positive `spread` (how much reference candidates disagree on them) moved to the
+    front, largest spread first (ties: in `order`); the other documents follow in `order`."""
+    position = {ref: i for i, ref in enumerate(order)}
+    front = sorted((ref for ref in order if spread.get(ref, 0.0) > 0), key=lambda ref: (-spread[ref], position[ref]))
+    return front + [ref for ref in order if not spread.get(ref, 0.0) > 0]
+
+
 class NestedSubsets:
     """Per configured task, its documents in a fixed seeded order; a budget selects a prefix of each.
 
@@ -122,6 +137,15 @@ class NestedSubsets:
         strata = strata or {}
         self.order = {task: stratified_order(task, docs, strata[task], seed) if task in strata
                       else seeded_order(task, docs, seed) for task, docs in documents.items()}
+
+    def reordered(self, spread: Mapping[str, Mapping[DocumentRef, float]]) -> "NestedSubsets":
+        """The same subsets with each task's contested documents first (:func:`contested_first`; task -> document ->
+        spread, tasks left out keep their order)."""
+        subsets = object.__new__(NestedSubsets)
+        subsets.rule, subsets.seed = self.rule, self.seed
+        subsets.order = {task: contested_first(order, spread[task]) if task in spread else list(order)
+                         for task, order in self.order.items()}
+        return subsets
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -10,6 +10,8 @@
 - A budget selects nested, seeded, size-scaled subsets of every task's documents (`budget.py`).
 - Per-document results are cached by (candidate fingerprint, task, document) in SQLite (`cache.py`): a promotion
   from 111 to 333 examples runs only the 222 new ones, and a restarted search reuses everything already run.
+- With `evaluation.contested_first`, a candidate's subsets start with the documents on which the best candidates
+  scored on every document before it disagree (`budget.py`); its promotions keep that order, so they stay nested.
 - Scores are recomputed from the per-document values of exactly the selected documents with the task's own lm-eval
   aggregation function (the mean for acc / exact_match / pass@1; corpus-level aggregations such as F1 or BLEU
   receive their per-document items, so they are exact too). A group's score is the mean of its subtasks' scores
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import time
@@ -107,6 +110,8 @@ class BudgetedEvaluator:
         self.subsets = NestedSubsets(documents, seed, BudgetRule(reference_size or largest, budget_unit,
                                                                  min_examples))
         self.cache = ResultCache(cache_path)
+        self.contested_first = bool(getattr(settings, "contested_first", False))
+        self._contested: dict[frozenset, NestedSubsets] = {}  # reference candidates -> their reordered subsets
 
     @classmethod
     def from_config(cls, config, model, tokenizer, *, cache_path: str | os.PathLike, **options) -> "BudgetedEvaluator":
@@ -129,7 +134,7 @@ class BudgetedEvaluator:
         """Score the model's current weights, known to the cache as `fingerprint`, at `budget` (None: all
         documents). The fingerprint must change whenever the weights do: results are reused by it."""
         started = time.perf_counter()
-        selection = self.subsets.order if budget is None else self.subsets.select(budget)
+        selection = self.subsets.order if budget is None else self.subsets_for(fingerprint).select(budget)
         values, wanted, missing, model_seconds, forward_seconds = self._document_metrics(fingerprint, selection)
         scores = {o.task: self._score(self.suite.units[o.task], o, selection[o.task], values)
                   for o in self.objectives}
@@ -154,6 +159,58 @@ class BudgetedEvaluator:
     def stratify(self, strata: Mapping[str, Mapping[DocumentRef, str]]) -> None:
         """Order each task's documents by strata (task -> document -> label, see budget.stratified_order)."""
         self.subsets = NestedSubsets(self.subsets.order, self.seed, self.subsets.rule, strata)
+        self._contested.clear()
+
+    def subsets_for(self, fingerprint: str) -> NestedSubsets:
+        """The subsets a budget of this candidate selects: the run's, or with `contested_first` the run's reordered by
+        the best candidates completed (scored on every document) before this one's first evaluation. Derived from
+        the cache's write times alone, so every worker, and a resumed run, finds the same order for a candidate."""
+        if not self.contested_first:
+            return self.subsets
+        keys = [(leaf, self.contexts[leaf]) for leaf in self._leaf_documents]
+        spans = self.cache.spans(keys)
+        total = sum(len(ids) for ids in self._leaf_documents.values())
+        first_written = spans[fingerprint][1] if fingerprint in spans else float("inf")
+        reference = frozenset(other for other, (count, _, last) in spans.items()
+                              if other != fingerprint and count == total and last < first_written)
+        if len(reference) < 2:
+            return self.subsets
+        if reference not in self._contested:
+            self._contested[reference] = self.subsets.reordered(self._spread(sorted(reference)))
+        return self._contested[reference]
+
+    @property
+    def _leaf_documents(self) -> dict[str, list[int]]:
+        documents: dict[str, set[int]] = {}
+        for order in self.subsets.order.values():
+            for ref in order:
+                documents.setdefault(ref.task, set()).add(ref.doc_id)
+        return {leaf: sorted(ids) for leaf, ids in sorted(documents.items())}
+
+    def _spread(self, reference: Sequence[str]) -> dict[str, dict[DocumentRef, float]]:
+        """Per task, each document's variance across the better half (at least two) of the `reference` candidates,
+        ranked by their mean value over the tasks (lower-is-better metrics negated). Tasks whose metric has
+        non-numeric per-document values (corpus-level metrics) are left out."""
+        leaves = self._leaf_documents
+        values = {fingerprint: {leaf: self.cache.get(fingerprint, leaf, self.contexts[leaf], ids)
+                                for leaf, ids in leaves.items()} for fingerprint in reference}
+        numeric = {}  # task -> fingerprint -> document -> value
+        sign = {}
+        for objective in self.objectives:
+            per_candidate = {fingerprint: {ref: values[fingerprint][ref.task][ref.doc_id].get(objective.metric)
+                                           for ref in self.subsets.order[objective.task]}
+                             for fingerprint in reference}
+            if all(_is_number(v) for docs in per_candidate.values() for v in docs.values()):
+                numeric[objective.task] = per_candidate
+                sign[objective.task] = 1.0 if objective.higher_is_better else -1.0
+        if not numeric:
+            return {}
+        quality = {fingerprint: sum(sign[task] * sum(per[fingerprint].values()) / len(per[fingerprint])
+                                    for task, per in numeric.items()) for fingerprint in reference}
+        better = sorted(reference, key=lambda f: (-quality[f], f))[:max(2, math.ceil(len(reference) / 2))]
+        return {task: {ref: _variance([float(per_candidate[f][ref]) for f in better])
+                       for ref in per_candidate[better[0]]}
+                for task, per_candidate in numeric.items()}
 
     def _document_metrics(self, fingerprint: str, selection: Mapping[str, Sequence[DocumentRef]]):
         """Per-document metrics of `selection`: from the cache, the rest run now (and cached)."""
@@ -192,6 +249,15 @@ class BudgetedEvaluator:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float))  # bool included
+
+
+def _variance(values: Sequence[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values)
 
 
 def _metric_aggregation(task, objective: TaskObjective):

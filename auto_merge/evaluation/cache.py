@@ -132,6 +132,20 @@ class ResultCache:
         connection.execute("COMMIT")
         return len(rows)
 
+    def spans(self, keys: Iterable[tuple[str, str]]) -> dict[str, tuple[int, float, float]]:
+        """Per fingerprint with rows under any of the (task, context) `keys`: how many, and when the first and the
+        last of them were written."""
+        spans: dict[str, list] = {}
+        connection = self._connect()
+        for task, context in keys:
+            rows = connection.execute("SELECT fingerprint, COUNT(*), MIN(created), MAX(created) FROM results "
+                                      "WHERE task = ? AND context = ? GROUP BY fingerprint", (task, context))
+            for fingerprint, count, first, last in rows:
+                span = spans.setdefault(fingerprint, [0, first, last])
+                span[0] += count
+                span[1], span[2] = min(span[1], first), max(span[2], last)
+        return {fingerprint: tuple(span) for fingerprint, span in spans.items()}
+
     def count(self, fingerprint: str | None = None) -> int:
         if fingerprint is None:
             return self._connect().execute("SELECT COUNT(*) FROM results").fetchone()[0]

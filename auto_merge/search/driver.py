@@ -131,7 +131,21 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
             additional_configs=designs[: max(0, n_trials - block.random_init_points)])
     if facade is not RandomFacade:
         common["model"] = _surrogate(facade, scenario, n_trials)
+    selector = _config_selector(block, scenario, space)
+    if selector is not None:
+        common["config_selector"] = selector
     return facade(scenario, target, intensifier=intensifier, initial_design=initial_design, **common)
+
+
+def _config_selector(block, scenario, space):
+    """SMAC's config selector with its own defaults but min_trials (`model_min_results`: its model learns from the
+    highest budget with at least that many results; bohb: len(space) + 1); None where SMAC's default (1) applies."""
+    if block.optimizer not in MULTI_FIDELITY or block.model_min_results == 1:
+        return None
+    from smac.main.config_selector import ConfigSelector
+
+    min_trials = len(space) + 1 if block.model_min_results == "bohb" else block.model_min_results
+    return ConfigSelector(scenario, retrain_after=8, max_new_config_tries=16, min_trials=min_trials)
 
 
 def _surrogate(facade, scenario, n_trials: int):

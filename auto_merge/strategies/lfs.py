@@ -169,8 +169,10 @@ class LFSStrategy(Strategy):
 
     def initial_configurations(self, space) -> list:
         """Each expert alone (linear one-hot, or task arithmetic one-hot when linear is not searched: weight 1 for
-        the expert, 0 for the others, clipped into the configured range), then uniform merges: a plain average and
-        uniform task arithmetic at weights 0.5 and 1.0."""
+        the expert, 0 for the others, clipped into the configured range), then uniform merges: a plain average,
+        uniform task arithmetic at weights 0.5 and 1.0, and every other searched method but slerp at its defaults
+        in every group (for TIES: density 0.5, λ 1, the one-shot merge users try first), so that the search starts
+        from the one-shot merges it is judged against."""
         from ConfigSpace import Configuration
 
         n = len(self.models)
@@ -185,6 +187,11 @@ class LFSStrategy(Strategy):
         if "task_arithmetic" in self.methods:
             for weight in (0.5, 1.0):
                 designs.append(self._uniform_values(space, "task_arithmetic", {"weight": [weight] * n}))
+        for method in self.methods:
+            # slerp interpolates a searched pair of experts, not all of them: no uniform merge of its own
+            if method not in ("linear", "task_arithmetic") and f"g0:{method}:pair" not in space:
+                per_expert = {param.name: [1.0] * n for param, _ in self.searched_params(method) if param.per_model}
+                designs.append(self._uniform_values(space, method, per_expert))
         configurations = []
         for values in designs:
             configuration = Configuration(space, values=values)
