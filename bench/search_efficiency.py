@@ -1,7 +1,10 @@
 """Benchmark: multi-fidelity BO (Hyperband) against random search and full-fidelity BO at equal compute, on the zoo.
 
     .venv/bin/python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--full-evals 40] [--out DIR]
-        [--variants successive_halving random cmaes successive_halving:sources]
+        [--variants successive_halving random cmaes successive_halving:sources successive_halving+seeded]
+
+A variant is OPTIMIZER[:STRATIFY][+contested|+seeded]: evaluation.stratify, and evaluation.contested_first set on or
+off (otherwise the demo config's, on).
 
 Compute is counted in evaluated examples (cached examples are free, so a promotion pays only for its new examples;
 with `:sources`, scoring the sources before the search is counted from the start). Every run gets the same total:
@@ -126,8 +129,8 @@ def main() -> None:
     parser.add_argument("--full-evals", type=float, default=40, help="compute per run, in full evaluations")
     parser.add_argument("--variants", nargs="+", default=["successive_halving", "random", "cmaes"],
                         help=f"optimizers ({', '.join(OPTIMIZERS)}), each optionally with :STRATIFY "
-                             "(evaluation.stratify, e.g. successive_halving:sources); the first is the one S1-S4 "
-                             "judge")
+                             "(evaluation.stratify, e.g. successive_halving:sources) and +contested or +seeded "
+                             "(evaluation.contested_first on or off); the first is the one S1-S4 judge")
     parser.add_argument("--out", type=Path, default=Path("/tmp/auto-merge-search-efficiency"))
     args = parser.parse_args()
     for variant in args.variants:

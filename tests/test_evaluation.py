@@ -130,12 +130,33 @@ def test_contested_documents_come_first_most_disputed_first_and_the_rest_keep_th
     assert subsets.order["t"] == order  # the run's own order is left as it was
 
 
-def _write_results(cache, evaluator, fingerprint, wrong):
-    """Store a candidate's results on every document: exact_match 0 on the (task, doc_id) pairs in `wrong`."""
+def _write_results(cache, evaluator, fingerprint, wrong, documents=None):
+    """Store a candidate's results on `documents` (task -> doc ids; default: every document): exact_match 0 on the
+    (task, doc_id) pairs in `wrong`."""
+    documents = documents or {leaf: range(256) for leaf in ("zoo_num", "zoo_wrd")}
     cache.put(fingerprint, {(leaf, evaluator.contexts[leaf]): {
-        i: {"exact_match,none": 0.0 if (leaf, i) in wrong else 1.0} for i in range(256)}
-        for leaf in ("zoo_num", "zoo_wrd")})
+        i: {"exact_match,none": 0.0 if (leaf, i) in wrong else 1.0} for i in ids} for leaf, ids in documents.items()})
     time.sleep(0.01)  # write times order the candidates
+
+
+def test_contested_first_compares_the_candidates_scored_at_the_searchs_max_budget(zoo, base, tmp_path):
+    """A search whose max_budget is below its tasks' size: its complete candidates are those scored at max_budget,
+    and only documents they all have can be compared."""
+    evaluator = zoo_evaluator(zoo, base, tmp_path / "cache.sqlite", tasks=("zoo_num", "zoo_wrd"),
+                              contested_first=True)
+    evaluator.full_budget = 60
+    top = {task: [ref.doc_id for ref in docs] for task, docs in evaluator.subsets.select(60).items()}
+    disputed, unshared = top["zoo_num"][40], evaluator.subsets.order["zoo_num"][100].doc_id
+    _write_results(evaluator.cache, evaluator, "a", {("zoo_num", disputed)}, top)
+    _write_results(evaluator.cache, evaluator, "partial", set(), {task: ids[:30] for task, ids in top.items()})
+    assert evaluator.subsets_for("next").order == evaluator.subsets.order  # "partial" is not complete: one
+    _write_results(evaluator.cache, evaluator, "b", {("zoo_num", unshared)}, {**top, "zoo_num": top["zoo_num"] +
+                                                                              [unshared]})
+    reordered = evaluator.subsets_for("next").order
+    # a and b disagree on `disputed`; `unshared` only b has, so it is not compared
+    assert reordered["zoo_num"][0] == DocumentRef("zoo_num", disputed)
+    assert reordered["zoo_num"][1:] == [r for r in evaluator.subsets.order["zoo_num"] if r.doc_id != disputed]
+    assert reordered["zoo_wrd"] == evaluator.subsets.order["zoo_wrd"]
 
 
 def test_contested_first_orders_each_candidate_by_the_best_candidates_completed_before_it(zoo, base, tmp_path):

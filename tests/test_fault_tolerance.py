@@ -17,12 +17,13 @@ from auto_merge.zoo import zoo_root
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _config(folder: Path, models: list[str], base: str = "zoo:base", n_trials: int = 4, **extra) -> Path:
+def _config(folder: Path, models: list[str], base: str = "zoo:base", n_trials: int = 4, contested_first=False,
+            **extra) -> Path:
     config = {
         "strategy": "lfs",
         # baselines (5 full evaluations per run) are tested in test_search; these runs are about failures and resumes
         "global_params": {"random_seed": 0, "output_path": str(folder / "runs"), "baselines": False, "evaluation": {
-            "batch_size": 64, "include_path": str(REPO / "custom_tasks"),
+            "batch_size": 64, "include_path": str(REPO / "custom_tasks"), "contested_first": contested_first,
             "tasks": [{"task": t, "metric": "exact_match,none"} for t in ("zoo_num", "zoo_col")]}},
         "strategies": {"lfs": {
             "base_model": base, "models": models, "layer_granularity": 4,
@@ -131,8 +132,11 @@ def test_smacs_saved_state_is_not_what_a_resume_rests_on(tmp_path):
     assert read_trials(again.run_dir / "trials.jsonl") == first
 
 
-def test_a_killed_and_resumed_search_makes_the_same_trials_as_an_uninterrupted_one(tmp_path):
-    """D9: after a kill, the resumed search's trials differed from the first BO suggestion on (7 of 20)."""
+@pytest.mark.parametrize("contested", [False, True], ids=["seeded", "contested_first"])
+def test_a_killed_and_resumed_search_makes_the_same_trials_as_an_uninterrupted_one(tmp_path, contested):
+    """D9: after a kill, the resumed search's trials differed from the first BO suggestion on (7 of 20). With
+    contested_first (and a model on the lowest rung) each candidate's subsets come from the cache's write times, so
+    the resumed run's scores are the uninterrupted run's too."""
     import os
     import signal
     import subprocess
@@ -141,7 +145,8 @@ def test_a_killed_and_resumed_search_makes_the_same_trials_as_an_uninterrupted_o
 
     def trials_of(folder: Path, kill_after: int | None) -> list:
         folder.mkdir()
-        config = _config(folder, ["zoo:num", "zoo:col"], n_trials=14)
+        config = _config(folder, ["zoo:num", "zoo:col"], n_trials=14, contested_first=contested,
+                         **({"model_min_results": 3} if contested else {}))
         log = folder / "runs" / "lfs" / "trials.jsonl"
         command = [sys.executable, "-m", "auto_merge.cli", "search", "--config", str(config), "--no-model"]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -156,7 +161,7 @@ def test_a_killed_and_resumed_search_makes_the_same_trials_as_an_uninterrupted_o
             assert kill_after <= len(read_trials(log)) < 14
         finished = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
         assert finished.returncode == 0, finished.stderr[-2000:]
-        return [(t["configuration"], t["budget"]) for t in read_trials(log)]
+        return [(t["configuration"], t["budget"], t["scores"]) for t in read_trials(log)]
 
     uninterrupted = trials_of(tmp_path / "a", None)
     resumed = trials_of(tmp_path / "b", 6)

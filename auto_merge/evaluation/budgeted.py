@@ -73,14 +73,15 @@ class BudgetedEvaluator:
     results (shared by the run's workers, kept across restarts). `budget_unit`, `reference_size`, `min_examples`:
     the budget rule (`budget.py`; `reference_size` defaults to the largest task's size; a search passes its
     `max_budget`, so that its largest budget is a full run of every task). Tasks that execute model-written code
-    run only with `allow_code_execution`.
+    run only with `allow_code_execution`. `full_budget`: with `contested_first`, the budget at which a
+    candidate counts as complete (a search's max_budget; None: every document).
     """
 
     def __init__(self, settings, model, tokenizer, *, seed: int, cache_path: str | os.PathLike,
                  config_dir: str | os.PathLike | None = None, budget_unit: BudgetUnit = "examples",
                  reference_size: float | None = None, min_examples: int = DEFAULT_MIN_EXAMPLES,
                  allow_code_execution: bool = False, max_length: int | None = None,
-                 vllm: VllmOptions | None = None):
+                 vllm: VllmOptions | None = None, full_budget: float | None = None):
         self.objectives = [TaskObjective.from_config(entry) for entry in settings.tasks]
         if not self.objectives:
             raise TaskConfigError("evaluation.tasks is empty: nothing to score")
@@ -111,6 +112,7 @@ class BudgetedEvaluator:
                                                                  min_examples))
         self.cache = ResultCache(cache_path)
         self.contested_first = bool(getattr(settings, "contested_first", False))
+        self.full_budget = full_budget  # contested_first compares the candidates scored at this budget (None: all)
         self._contested: dict[frozenset, NestedSubsets] = {}  # reference candidates -> their reordered subsets
 
     @classmethod
@@ -163,16 +165,18 @@ class BudgetedEvaluator:
 
     def subsets_for(self, fingerprint: str) -> NestedSubsets:
         """The subsets a budget of this candidate selects: the run's, or with `contested_first` the run's reordered by
-        the best candidates completed (scored on every document) before this one's first evaluation. Derived from
-        the cache's write times alone, so every worker, and a resumed run, finds the same order for a candidate."""
+        the best candidates complete (scored at `full_budget`, or on every document) before this one's first
+        evaluation. Derived from the cache's write times alone, so every worker, and a resumed run, finds the same
+        order for a candidate. (With several workers, a candidate completed while this one's first evaluation ran
+        joins its order at its promotion: the scores stay exact, the promotion runs a few more documents.)"""
         if not self.contested_first:
             return self.subsets
-        keys = [(leaf, self.contexts[leaf]) for leaf in self._leaf_documents]
-        spans = self.cache.spans(keys)
-        total = sum(len(ids) for ids in self._leaf_documents.values())
+        leaves = self._leaf_documents
+        spans = self.cache.spans([(leaf, self.contexts[leaf]) for leaf in leaves])
+        complete = sum(self.examples(self.full_budget).values())
         first_written = spans[fingerprint][1] if fingerprint in spans else float("inf")
         reference = frozenset(other for other, (count, _, last) in spans.items()
-                              if other != fingerprint and count == total and last < first_written)
+                              if other != fingerprint and count >= complete and last < first_written)
         if len(reference) < 2:
             return self.subsets
         if reference not in self._contested:
@@ -188,28 +192,28 @@ class BudgetedEvaluator:
         return {leaf: sorted(ids) for leaf, ids in sorted(documents.items())}
 
     def _spread(self, reference: Sequence[str]) -> dict[str, dict[DocumentRef, float]]:
-        """Per task, each document's variance across the better half (at least two) of the `reference` candidates,
-        ranked by their mean value over the tasks (lower-is-better metrics negated). Tasks whose metric has
-        non-numeric per-document values (corpus-level metrics) are left out."""
-        leaves = self._leaf_documents
+        """Per task, the variance of each document's value across the better half (at least two) of the `reference`
+        candidates, ranked by their mean value over the tasks (lower-is-better metrics negated), on the documents
+        they all have. Tasks whose metric has non-numeric per-document values (corpus-level metrics) are left out."""
         values = {fingerprint: {leaf: self.cache.get(fingerprint, leaf, self.contexts[leaf], ids)
-                                for leaf, ids in leaves.items()} for fingerprint in reference}
+                                for leaf, ids in self._leaf_documents.items()} for fingerprint in reference}
         numeric = {}  # task -> fingerprint -> document -> value
         sign = {}
         for objective in self.objectives:
             per_candidate = {fingerprint: {ref: values[fingerprint][ref.task][ref.doc_id].get(objective.metric)
-                                           for ref in self.subsets.order[objective.task]}
+                                           for ref in self.subsets.order[objective.task]
+                                           if ref.doc_id in values[fingerprint][ref.task]}
                              for fingerprint in reference}
             if all(_is_number(v) for docs in per_candidate.values() for v in docs.values()):
                 numeric[objective.task] = per_candidate
                 sign[objective.task] = 1.0 if objective.higher_is_better else -1.0
         if not numeric:
             return {}
-        quality = {fingerprint: sum(sign[task] * sum(per[fingerprint].values()) / len(per[fingerprint])
+        quality = {fingerprint: sum(sign[task] * sum(per[fingerprint].values()) / max(1, len(per[fingerprint]))
                                     for task, per in numeric.items()) for fingerprint in reference}
         better = sorted(reference, key=lambda f: (-quality[f], f))[:max(2, math.ceil(len(reference) / 2))]
         return {task: {ref: _variance([float(per_candidate[f][ref]) for f in better])
-                       for ref in per_candidate[better[0]]}
+                       for ref in self.subsets.order[task] if all(ref in per_candidate[f] for f in better)}
                 for task, per_candidate in numeric.items()}
 
     def _document_metrics(self, fingerprint: str, selection: Mapping[str, Sequence[DocumentRef]]):

@@ -299,6 +299,7 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         allow_pickle=config.global_params.allow_pickle,
         trust_remote_code=config.global_params.trust_remote_code,
         trial_walltime_limit=block.trial_walltime_limit,
+        max_budget=block.max_budget if block.optimizer in MULTI_FIDELITY else None,
     )
     n_trials = block.n_trials or trials_for_total_budget(_trial_budget(config), block.min_budget, block.max_budget,
                                                          block.eta, block.optimizer)

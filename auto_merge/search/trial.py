@@ -42,6 +42,9 @@ class TrialSpec:
     replay: dict = field(default_factory=dict)
     # evaluation.stratify: sources — task -> document -> label (how the sources answer it), from `source_strata`.
     strata: dict = field(default_factory=dict)
+    # A multi-fidelity search's max_budget: its candidates scored at this budget are the complete ones that
+    # evaluation.contested_first compares (None: those scored on every document).
+    max_budget: float | None = None
 
 
 def recipe_fingerprint(recipe: dict, seed: int) -> str:
@@ -84,6 +87,7 @@ class TrialRunner:
             spec.evaluation, self.model, self.tokenizer, seed=spec.seed, cache_path=spec.cache_path,
             config_dir=spec.config_dir, allow_code_execution=spec.evaluation.allow_code_execution,
             budget_unit=spec.evaluation.budget_unit, min_examples=spec.evaluation.min_examples_per_task,
+            full_budget=spec.max_budget,
             vllm=vllm_options(spec.evaluation, spec.model_paths[base_ref], seed=spec.seed,
                               trust_remote_code=spec.trust_remote_code),
         )
