@@ -165,8 +165,8 @@ class EvaluationSettings(StrictModel):
                             "interleaves the groups of documents the sources answer alike (and each subtask of a "
                             "group), so every budget holds each group in its share of the task")
     contested_first: bool = Field(
-        False, description="New. Small budgets start with the documents that the best candidates scored on every "
-                           "document so far disagree on (the better half of them, once there are two), most "
+        False, description="New. Small budgets start with the documents that the best candidates scored at the "
+                           "search's max_budget so far disagree on (the better half of them, once there are two), most "
                            "disputed first: near the top of a search most documents are answered alike and cannot "
                            "tell the good candidates apart. A candidate keeps the order it was first scored with, so "
                            "its promotions reuse its results")

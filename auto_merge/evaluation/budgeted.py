@@ -11,7 +11,8 @@
 - Per-document results are cached by (candidate fingerprint, task, document) in SQLite (`cache.py`): a promotion
   from 111 to 333 examples runs only the 222 new ones, and a restarted search reuses everything already run.
 - With `evaluation.contested_first`, a candidate's subsets start with the documents on which the best candidates
-  scored on every document before it disagree (`budget.py`); its promotions keep that order, so they stay nested.
+  scored at the search's max_budget before it disagree (`budget.py`); its promotions keep that order, so they stay
+  nested.
 - Scores are recomputed from the per-document values of exactly the selected documents with the task's own lm-eval
   aggregation function (the mean for acc / exact_match / pass@1; corpus-level aggregations such as F1 or BLEU
   receive their per-document items, so they are exact too). A group's score is the mean of its subtasks' scores
@@ -114,6 +115,11 @@ class BudgetedEvaluator:
         self.contested_first = bool(getattr(settings, "contested_first", False))
         self.full_budget = full_budget  # contested_first compares the candidates scored at this budget (None: all)
         self._contested: dict[frozenset, NestedSubsets] = {}  # reference candidates -> their reordered subsets
+        leaf_ids: dict[str, set[int]] = {}
+        for docs in documents.values():
+            for ref in docs:
+                leaf_ids.setdefault(ref.task, set()).add(ref.doc_id)
+        self._leaf_documents = {leaf: sorted(ids) for leaf, ids in sorted(leaf_ids.items())}  # every leaf's ids
 
     @classmethod
     def from_config(cls, config, model, tokenizer, *, cache_path: str | os.PathLike, **options) -> "BudgetedEvaluator":
@@ -182,14 +188,6 @@ class BudgetedEvaluator:
         if reference not in self._contested:
             self._contested[reference] = self.subsets.reordered(self._spread(sorted(reference)))
         return self._contested[reference]
-
-    @property
-    def _leaf_documents(self) -> dict[str, list[int]]:
-        documents: dict[str, set[int]] = {}
-        for order in self.subsets.order.values():
-            for ref in order:
-                documents.setdefault(ref.task, set()).add(ref.doc_id)
-        return {leaf: sorted(ids) for leaf, ids in sorted(documents.items())}
 
     def _spread(self, reference: Sequence[str]) -> dict[str, dict[DocumentRef, float]]:
         """Per task, the variance of each document's value across the better half (at least two) of the `reference`

@@ -189,7 +189,7 @@ class LFSStrategy(Strategy):
                 designs.append(self._uniform_values(space, "task_arithmetic", {"weight": [weight] * n}))
         for method in self.methods:
             # slerp interpolates a searched pair of experts, not all of them: no uniform merge of its own
-            if method not in ("linear", "task_arithmetic") and f"g0:{method}:pair" not in space:
+            if method not in ("linear", "task_arithmetic") and not get_method(method).first_source_is_base:
                 per_expert = {param.name: [1.0] * n for param, _ in self.searched_params(method) if param.per_model}
                 designs.append(self._uniform_values(space, method, per_expert))
         configurations = []
