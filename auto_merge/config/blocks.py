@@ -342,6 +342,10 @@ class SearchSettings(StrictModel):
                        "least this many results. 1 (SMAC's default): the highest budget with any result, so early in "
                        "a run a handful of full evaluations steer it; bohb: the space's hyperparameters + 1 "
                        "(BOHB's rule); a number: that many")
+    promote_ties: bool = Field(
+        True, description="New. hyperband and successive_halving: a configuration that scores exactly as the last "
+                          "one a rung promotes is promoted too (true, the default); false: SMAC's own cut, which "
+                          "breaks such a tie by the order the configurations were sampled in")
     dask_scheduler: Optional[str] = Field(
         None, description="New. Address of an existing dask scheduler (e.g. tcp://host:8786) to run trials on "
                           "instead of starting a local cluster of n_workers")

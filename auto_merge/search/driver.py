@@ -106,15 +106,18 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
     if objectives:
         common["multi_objective_algorithm"] = ParEGO(scenario)
     if block.optimizer in MULTI_FIDELITY:
-        from smac.intensifier.successive_halving import SuccessiveHalving
-
         facade = MultiFidelityFacade
         # Multi-objective with budgets fails an assertion with the default selection (SMAC issue #1050).
         selection = "highest_budget" if objectives else "highest_observed_budget"
-        if block.optimizer == "hyperband":
-            intensifier = facade.get_intensifier(scenario, eta=block.eta, incumbent_selection=selection)
+        if block.promote_ties:
+            from auto_merge.search.multi_fidelity import TiedHyperband as Hyperband
+            from auto_merge.search.multi_fidelity import TiedSuccessiveHalving as SuccessiveHalving
         else:
-            intensifier = SuccessiveHalving(scenario, eta=block.eta, incumbent_selection=selection)
+            from smac.intensifier.hyperband import Hyperband
+            from smac.intensifier.successive_halving import SuccessiveHalving
+        # SMAC's own defaults otherwise (MultiFidelityFacade.get_intensifier: instance order shuffled once).
+        kind = Hyperband if block.optimizer == "hyperband" else SuccessiveHalving
+        intensifier = kind(scenario, eta=block.eta, incumbent_selection=selection)
     elif block.optimizer == "bo":
         facade = HyperparameterOptimizationFacade
         intensifier = facade.get_intensifier(scenario, max_config_calls=1)
@@ -337,7 +340,12 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
         else:
             # A kill mid-save must not leave a state the rerun cannot read.
             with atomic_state_writes(), _without_smacs_empty_mean_warnings():
-                smac = _facade(config, strategy, space, spec, run_dir, n_trials, [recorder])
+                callbacks = [recorder]
+                if block.optimizer in MULTI_FIDELITY and not block.n_trials:
+                    from auto_merge.search.multi_fidelity import BudgetCap
+
+                    callbacks.append(BudgetCap(_trial_budget(config)))
+                smac = _facade(config, strategy, space, spec, run_dir, n_trials, callbacks)
                 if client is None:
                     smac.optimize()
                 else:

@@ -81,7 +81,9 @@ def optimize_on_workers(smac, client, *, queued_per_worker: int | str = "auto") 
     try:
         while True:
             capacity = worker_slots(client) * (1 + depth.value)
-            while not exhausted and len(pending) < capacity and optimizer.remaining_trials > 0:
+            # A callback that returns False (BudgetCap) stops new trials, as in SMAC's own loop; running ones finish.
+            while not exhausted and len(pending) < capacity and optimizer.remaining_trials > 0 \
+                    and not optimizer._stop:
                 try:
                     info = smac.ask()
                 except StopIteration:
