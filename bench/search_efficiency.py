@@ -214,6 +214,9 @@ def main() -> None:
     over_ta = 100 * (statistics.fmean(winners) - uniform.mean)
     print(f"S2 winner - tuned-lambda uniform TA ({uniform.label}): {over_ta:+.1f} points (goal >= +3): "
           f"{'met' if over_ta >= 3 else 'NOT met'}")
+    # The issue's S3: random search's final best with <= 1/3 of its compute on every seed; CMA-ES's with <= 1/2 of
+    # its compute, which the issue states without "on every seed", so under its goals' rule (the mean of the seeds).
+    # Both readings are printed for CMA-ES.
     for rival, share in (("random", 1 / 3), ("cmaes", 1 / 2)):
         if rival not in runs or rival == judged:
             continue
@@ -224,9 +227,16 @@ def main() -> None:
             their_total = theirs["curve"][-1][0]
             shares.append(needed / their_total if needed is not None and their_total else None)
         text = ", ".join(f"{x:.3f}" if x is not None else "never" for x in shares)
-        ok = all(x is not None and x <= share + 1e-9 for x in shares)
-        print(f"S3 compute to reach {rival}'s final best (same seed), as a share of {rival}'s compute: {text} "
-              f"(goal <= {share:.2f} on every seed): {'met' if ok else 'NOT met'}")
+        every = all(x is not None and x <= share + 1e-9 for x in shares)
+        if rival == "random":
+            print(f"S3 compute to reach {rival}'s final best (same seed), as a share of {rival}'s compute: {text} "
+                  f"(goal <= {share:.2f} on every seed): {'met' if every else 'NOT met'}")
+        else:
+            mean = statistics.fmean(shares) if None not in shares else None
+            ok = mean is not None and mean <= share + 1e-9
+            print(f"S3 compute to reach {rival}'s final best (same seed), as a share of {rival}'s compute: {text}; "
+                  f"mean {'never' if mean is None else f'{mean:.3f}'} (goal <= {share:.2f}, the mean of the seeds): "
+                  f"{'met' if ok else 'NOT met'}; <= {share:.2f} on every seed: {'met' if every else 'NOT met'}")
         # Context, not the goal: near the zoo's ceiling (0.9987) one example of 768 decides "reached".
         near = [reach(mine["curve"], theirs["curve"][-1][1] - 0.005) for mine, theirs in zip(items, runs[rival])]
         print("   within 0.5 points of it: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -119,3 +120,26 @@ def test_a_search_promotes_every_tied_configuration_and_stops_at_total_budget(tm
     assert any(len(r["promoted"]) > 1 for r in rounds), "no tie in this run: the test shows nothing"
     last = 20 if trials[-1]["budget"] == 30 else 10
     assert spent >= total and spent - last < total and len(trials) < 60
+
+
+def test_workers_stop_asking_once_the_budget_is_spent(tmp_path, monkeypatch):
+    """With 2 workers and no queue, the trial that brings the spending to total_budget stops new trials; only the
+    one the other worker was running then is told after it."""
+    import auto_merge.search.driver as driver
+
+    monkeypatch.setattr(driver, "trials_for_total_budget", lambda *args: 60)
+    config = write_config(tmp_path, n_trials=0, n_workers=2, optimizer="successive_halving", queued_per_worker=0)
+    raw = yaml.safe_load(config.read_text())
+    total = 195
+    raw["strategies"]["lfs"]["total_budget"] = total
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = run_search(config, show_progress=False, write_model=False)
+    trials = read_trials(result.run_dir / "trials.jsonl")
+    spent, highest, reached_at = 0.0, {}, None
+    for index, trial in enumerate(trials):
+        key = json.dumps(trial["configuration"], sort_keys=True)
+        spent += max(0.0, trial["budget"] - highest.get(key, 0.0))
+        highest[key] = max(trial["budget"], highest.get(key, 0.0))
+        if reached_at is None and spent >= total:
+            reached_at = index
+    assert reached_at is not None and len(trials) - 1 - reached_at <= 1 and len(trials) < 60
