@@ -95,7 +95,7 @@ def _rounds(trials):
     return rounds
 
 
-def test_a_search_promotes_every_tied_configuration_and_stops_at_total_budget(tmp_path, monkeypatch):
+def test_a_search_promotes_every_tied_configuration_and_stops_at_total_budget(tmp_path, monkeypatch, capsys):
     """End to end on the demo zoo: each round promotes exactly the configurations tied at its best rung score, and
     the run stops at the first trial that brings its spending to total_budget. The trial count derived from
     total_budget is lifted here (it binds first on so short a run), so that only the cap can stop the search."""
@@ -120,6 +120,8 @@ def test_a_search_promotes_every_tied_configuration_and_stops_at_total_budget(tm
     assert any(len(r["promoted"]) > 1 for r in rounds), "no tie in this run: the test shows nothing"
     last = 20 if trials[-1]["budget"] == 30 else 10
     assert spent >= total and spent - last < total and len(trials) < 60
+    assert f"total_budget spent (195 budget units) after {len(trials)} of the 60 planned trials" in \
+        capsys.readouterr().err
 
 
 def test_workers_stop_asking_once_the_budget_is_spent(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@
 2. builds the strategy (space + decoder) and holds the run folder `<output_path>/<run_name>` (auto_merge.output_dirs:
    one process at a time); a run folder holding a different config, or one whose source files changed, is refused
    unless `overwrite` (which replaces it) — rerunning the same config resumes by replaying the trial log to SMAC;
-3. runs SMAC: multi-fidelity Hyperband (the default) or successive halving, plain BO at max_budget, or random
+3. runs SMAC: multi-fidelity Hyperband (the default) or successive halving (a tie at a rung's cut promoted whole,
+   and `total_budget` a cap on what the trials spend: search/multi_fidelity.py), plain BO at max_budget, or random
    search (or, outside SMAC, CMA-ES over the continuous weights: search/cmaes_search.py); multi-objective
    (`lfs_multiobj`, or `prune` with multi_objective: one cost per task) uses ParEGO with incumbent selection at the
    highest budget (SMAC #1050);
@@ -344,7 +345,10 @@ def _search_in(run_dir: Path, fingerprint: str, resumed: bool, config, strategy,
                 if block.optimizer in MULTI_FIDELITY and not block.n_trials:
                     from auto_merge.search.multi_fidelity import BudgetCap
 
-                    callbacks.append(BudgetCap(_trial_budget(config)))
+                    total = _trial_budget(config)
+                    callbacks.append(BudgetCap(total, on_spent=lambda told: progress.write(
+                        f"total_budget spent ({total:g} budget units) after {told} of the {n_trials} planned trials: "
+                        f"no new trial starts")))
                 smac = _facade(config, strategy, space, spec, run_dir, n_trials, callbacks)
                 if client is None:
                     smac.optimize()

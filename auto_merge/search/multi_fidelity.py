@@ -1,15 +1,15 @@
-"""Multi-fidelity search as this tool runs SMAC's: ties at a rung's cut promoted, and total_budget kept as a cap.
+"""Multi-fidelity search as this tool runs SMAC's: a tie at a rung's cut promoted whole, total_budget kept as a cap.
 
-Ties. SMAC promotes the best 1/eta of a rung and cuts a tie at that boundary by crowding distance, in effect by the order
+SMAC promotes the best 1/eta of a rung and cuts a tie at that boundary by crowding distance, in effect by the order
 the configurations were sampled in. Scores here are shares of a rung's examples, so ties are common near the ceiling
-(two good merges that each miss one example): the rung has no evidence to prefer either, so both go on and the next
-rung's examples decide. Measured on the demo zoo (bench/search_efficiency.py): with SMAC's cut, a merge one example
-better than the one promoted waited six more brackets for its full evaluation."""
+(two good merges that each miss one example): the rung holds no evidence for either, so both go on and the next
+rung's examples decide. On the demo zoo (bench/search_efficiency.py, seed 0) SMAC's cut sent a merge 766 of 768 to
+the full budget and left one at 767, tied with it at the rung below, waiting six more brackets."""
 from __future__ import annotations
 
 import numpy as np
-from smac.intensifier.hyperband import Hyperband
 from smac.callback import Callback
+from smac.intensifier.hyperband import Hyperband
 from smac.intensifier.successive_halving import SuccessiveHalving
 
 
@@ -48,11 +48,13 @@ class BudgetCap(Callback):
     would overspend. Counted from SMAC's trials only, so a resumed run (which tells SMAC the logged trials again)
     stops where the uninterrupted one would."""
 
-    def __init__(self, total: float):
+    def __init__(self, total: float, on_spent=None):
         super().__init__()
         self.total = total
         self.spent = 0.0
         self._highest: dict = {}
+        self._told = 0
+        self._on_spent = on_spent  # called once, with the number of trials told, when the cap is reached
 
     def on_tell_end(self, smbo, info, value) -> bool | None:
         budget = float(info.budget)
@@ -60,4 +62,10 @@ class BudgetCap(Callback):
         earlier = self._highest.get(key, 0.0)
         self.spent += max(0.0, budget - earlier)
         self._highest[key] = max(budget, earlier)
-        return False if self.spent >= self.total else None
+        self._told += 1
+        if self.spent < self.total:
+            return None
+        if self._on_spent is not None:
+            self._on_spent(self._told)
+            self._on_spent = None
+        return False
