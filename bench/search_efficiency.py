@@ -1,4 +1,4 @@
-"""Benchmark: multi-fidelity BO (Hyperband) against random search and full-fidelity BO at equal compute, on the zoo.
+"""Benchmark: the demo LFS search (multi-fidelity BO) against random search and CMA-ES at equal compute, on the zoo.
 
     .venv/bin/python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--full-evals 40] [--out DIR]
         [--variants successive_halving random cmaes successive_halving:sources successive_halving+seeded]

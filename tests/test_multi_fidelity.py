@@ -75,8 +75,7 @@ def test_the_budget_cap_charges_what_a_promotion_adds():
     assert _tell(cap, "a", 1000) is None and cap.spent == 2332
     # A tied configuration promoted on top of them: its 1000 - 333 more examples reach the cap.
     assert _tell(cap, "b", 1000) is False and cap.spent == 2999
-    # A configuration told again at a budget it already had costs nothing (a repeated tell on resume does not occur,
-    # but a lower budget after a higher one must not be charged either).
+    # A lower budget after a higher one adds nothing.
     assert _tell(cap, "b", 333) is False and cap.spent == 2999
 
 

@@ -116,7 +116,7 @@ def _facade(config, strategy, space, spec: TrialSpec, run_dir: Path, n_trials: i
         else:
             from smac.intensifier.hyperband import Hyperband
             from smac.intensifier.successive_halving import SuccessiveHalving
-        # SMAC's own defaults otherwise (MultiFidelityFacade.get_intensifier: instance order shuffled once).
+        # Built directly, with the class defaults that MultiFidelityFacade.get_intensifier passes too.
         kind = Hyperband if block.optimizer == "hyperband" else SuccessiveHalving
         intensifier = kind(scenario, eta=block.eta, incumbent_selection=selection)
     elif block.optimizer == "bo":

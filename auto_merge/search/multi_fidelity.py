@@ -18,17 +18,13 @@ class _PromoteTies:
         selected = super()._get_best_configs(configs, bracket, stage, from_keys)
         if not selected:  # the last stage: nothing is promoted
             return selected
-        cost = self._rung_cost(from_keys)
-        cut = [cost(config) for config in selected]
-        for config in configs:
-            if config not in selected and any(np.array_equal(cost(config), c) for c in cut):
-                selected.append(config)
-        return selected
 
-    def _rung_cost(self, keys):
-        """A configuration's cost vector on the rung's keys, as SMAC ranks it (averaged over the keys, unnormalised)."""
-        return lambda config: np.atleast_1d(np.asarray(
-            self.runhistory.average_cost(config, keys, normalize=False), dtype=float))
+        def cost(config):  # as SMAC ranks it: averaged over the rung's keys, unnormalised, one entry per objective
+            return np.atleast_1d(np.asarray(self.runhistory.average_cost(config, from_keys, normalize=False), float))
+
+        cut = [cost(config) for config in selected]
+        return selected + [config for config in configs
+                           if config not in selected and any(np.array_equal(cost(config), c) for c in cut)]
 
 
 class TiedSuccessiveHalving(_PromoteTies, SuccessiveHalving):
